@@ -1,0 +1,127 @@
+"""The embedded default, and the schema every config follows.
+
+    python -m parcel_jax.train --config=configs/base.py --workdir=/tmp/parcel
+
+trains a tiny PaliGemma-style model (64 px images, patch 4 -> the paper's 16x16
+feature grid, so PARCEL's routing applies unchanged) on the synthetic visual-QA
+task on CPU in minutes. Baselines and ablations are overrides, not copies:
+
+    --config.model.connector.method=m3            # or mqt, none
+    --config.model.connector.routing=fixed4x4     # PARCEL fixed-routing ablations
+    --config.model.connector.conditioning=none    # ViT-only cross-attention ablation
+    --config.model.connector.method=m3 --config.model.connector.budgets=16,   # pooling specialist
+
+Every field is read somewhere; `parcel_jax.train.validate_config` checks them
+before anything is compiled. 0 means "off"/"automatic" where a comment says so
+(ml_collections cannot override fields that default to None).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg`` optionally names a connector method: ``--config=configs/base.py:m3``."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # parameters, data order and budget sampling all derive from it
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"       # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+  c.model.vision = ml_collections.ConfigDict()      # SigLIP-style ViT (models/vit.py)
+  c.model.vision.variant = "tiny"  # label only: the fields below are what is built
+  c.model.vision.image_size = 64   # pixels; image_size / patch_size = feature grid (16)
+  c.model.vision.patch_size = 4
+  c.model.vision.width = 96
+  c.model.vision.depth = 3
+  c.model.vision.mlp_dim = 384
+  c.model.vision.num_heads = 4
+  c.model.vision.posemb = "learn"  # learn | sincos2d
+  c.model.vision.scan = False      # scan over layers (one compiled layer)
+  c.model.vision.remat = "none"    # none | full | dots: rematerialisation policy
+
+  c.model.connector = ml_collections.ConfigDict()   # models/connectors.py
+  c.model.connector.method = arg or "parcel"  # parcel | m3 | mqt | none
+  c.model.connector.routing = "piecewise"     # parcel: piecewise | fixed4x4 | fixed2x2
+  c.model.connector.conditioning = "self_attn"  # parcel: self_attn | none (ViT-only) | dual_cross
+  c.model.connector.extra_self_attn = False   # m3/mqt: add a self-attention block (ablation)
+  c.model.connector.key_mode = "content+pos"  # content+pos (Qwen-VL) | pos_only (official MQT code)
+  c.model.connector.key_pos = "sincos2d"      # position code on cross-attention keys: sincos2d | learned | none
+  c.model.connector.anchor_pos = "sincos2d"   # position code on anchors inside self-attention: sincos2d | none
+  c.model.connector.output_norm = True        # LayerNorm on emitted queries (scale of the ViT features)
+  c.model.connector.num_heads = 4             # paper: 12 at width 1152; the width is the ViT width
+  c.model.connector.mlp_dim = 384             # paper: 4304; one MLP on the query tokens
+  c.model.connector.bank_size = 0             # 0: what the budget space needs (parcel 192, mqt 256)
+  c.model.connector.query_init_std = 0.02
+  c.model.connector.budgets = ()              # () = the method's whole space; a subset trains a specialist
+  c.model.connector.query_bucket = 64         # query slots per compiled bucket (fewer programs vs padding)
+
+  c.model.decoder = ml_collections.ConfigDict()     # Gemma-style prefix-LM (models/gemma.py)
+  c.model.decoder.variant = "tiny"
+  c.model.decoder.vocab_size = 0   # 0: the data's tokenizer decides
+  c.model.decoder.width = 128
+  c.model.decoder.depth = 3
+  c.model.decoder.mlp_dim = 512
+  c.model.decoder.num_heads = 4
+  c.model.decoder.num_kv_heads = 2  # grouped-query attention
+  c.model.decoder.head_dim = 32
+  c.model.decoder.post_norms = True     # Gemma-2 post-attention / post-MLP norms
+  c.model.decoder.attn_softcap = 50.0   # Gemma-2 attention-logit soft-cap; 0 = off
+  c.model.decoder.final_softcap = 30.0  # Gemma-2 final-logit soft-cap; 0 = off
+  c.model.decoder.sliding_window = 0    # local layers' window in tokens; 0 = off (all global)
+  c.model.decoder.local_global = False  # alternate local / global layers (needs sliding_window)
+  c.model.decoder.query_scale = 0.0     # 0: head_dim ** -0.5
+  c.model.decoder.rope_base = 10_000.0
+  c.model.decoder.scan = False
+  c.model.decoder.remat = "none"
+
+  # -------------------------------------------------------------- budgets
+  c.budget = ml_collections.ConfigDict()            # parcel_jax/budgets.py
+  c.budget.sampling = "per_batch"   # per_batch | per_example (bucket per batch, budget per example)
+  c.budget.distribution = "uniform"  # uniform | log_uniform over the method's budget space
+
+  # ----------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()              # parcel_jax/data/
+  c.data.name = "synthetic"
+  c.data.image_size = c.model.vision.get_ref("image_size")
+  c.data.train_size = 1_000_000      # distinct procedurally generated training examples
+  c.data.eval_size = 1024            # eval examples (a separate stream)
+  c.data.families = ()               # () = all task families
+  c.data.max_text_len = 16           # prefix + suffix tokens, padded
+  c.data.num_threads = 2             # Grain prefetch threads; 0 = synchronous
+
+  # -------------------------------------------------------------- optimiser
+  c.optim = ml_collections.ConfigDict()             # parcel_jax/optim.py
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "cosine"        # cosine | constant (after warm-up)
+  c.optim.end_lr_fraction = 0.05     # cosine floor, as a fraction of lr
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.weight_decay = 1e-4        # decoupled (AdamW); not applied to norms and biases
+  c.optim.clip_norm = 1.0            # global gradient-norm clip; 0 = off
+  c.optim.lr_multipliers = ()        # ((regex, multiplier), ...) on parameter paths, e.g. (("connector", 1.0),)
+  c.optim.freeze = ""                # regex of parameter paths kept frozen ("" = none), e.g. "vision"
+  c.optim.grad_accum_steps = 1       # micro-batches per update
+
+  # ---------------------------------------------------------------- train
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32            # global batch
+  c.train.num_steps = 1500
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+  c.train.on_nonfinite = "skip"      # skip (no update, counted) | stop
+  c.train.stop_at = 0                # end this process after this step (checkpointed; the
+                                     # schedule still spans num_steps); 0 = run to num_steps
+
+  # ----------------------------------------------------------------- eval
+  c.eval = ml_collections.ConfigDict()
+  c.eval.budgets = (4, 16, 32, 64, 128, 256)   # those the method supports are evaluated
+  c.eval.batch_size = 128
+  c.eval.num_examples = 1024         # <= data.eval_size
+
+  # ----------------------------------------------------------------- mesh
+  c.mesh = ml_collections.ConfigDict()              # parcel_jax/sharding.py
+  c.mesh.shape = (-1, 1, 1)          # (data, fsdp, tensor); -1 = the remaining devices
+  return c

@@ -1,0 +1,232 @@
+"""Visual-token budgets: the one place for budget spaces, routing, buckets and sampling.
+
+Vocabulary:
+  budget   B, the number of visual tokens the LLM sees.
+  route    B -> (num_anchors, num_queries): pooled anchors + learned queries.
+  bucket   a static shape (anchor grid, query slots) that serves a range of budgets.
+           Slots beyond an example's budget are masked, so every budget in a bucket
+           shares one compiled program (see ``VLM`` for the masking contract).
+  sampler  a pure function of (seed, step): every host draws the same budget with
+           no communication, and a resumed run draws the same sequence.
+
+Routing by method (grid = side of the square ViT feature grid):
+  parcel   piecewise: anchor grids a = 4, 8, 16, ... (< grid); budget B uses the
+           largest a with a*a <= B, and B - a*a queries. At grid 16: (16, B-16) for
+           16 <= B < 64 and (64, B-64) for 64 <= B <= 256; at grid 32 a third regime
+           (256, B-256) for 256 <= B <= 1024. Even budgets from 16 to grid**2.
+           Ablations: routing='fixed4x4' (16 anchors always) and 'fixed2x2'
+           (a 2x2 pooling kernel, i.e. (grid/2)**2 anchors always).
+  m3       pure pooling, B = s*s for s dividing grid, s >= 2 (the paper's {4,16,64,256}).
+  mqt      pure queries, even B from 2 to min(grid**2, bank size).
+  none     all grid tokens, B = grid**2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+METHODS = ("parcel", "m3", "mqt", "none")
+ROUTINGS = ("piecewise", "fixed4x4", "fixed2x2")
+DISTRIBUTIONS = ("uniform", "log_uniform")
+SAMPLING_MODES = ("per_batch", "per_example")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+  """A static token layout: ``anchor_grid**2`` pooled anchors then ``query_slots`` queries."""
+  anchor_grid: int
+  query_slots: int
+
+  @property
+  def num_anchors(self) -> int:
+    return self.anchor_grid * self.anchor_grid
+
+  @property
+  def num_slots(self) -> int:
+    return self.num_anchors + self.query_slots
+
+  def __str__(self) -> str:
+    return f"{self.anchor_grid}x{self.anchor_grid}+{self.query_slots}q"
+
+
+def _fail(method: str, budget, allowed: Sequence[int], why: str = "") -> ValueError:
+  shown = _describe(allowed)
+  return ValueError(f"budget {budget!r} is not valid for method {method!r}{why}; allowed budgets: {shown}")
+
+
+def _describe(allowed: Sequence[int]) -> str:
+  allowed = list(allowed)
+  if len(allowed) > 6 and all(b - a == 2 for a, b in zip(allowed, allowed[1:])):
+    return f"even integers {allowed[0]}..{allowed[-1]}"
+  return "{" + ", ".join(map(str, allowed)) + "}"
+
+
+def parcel_anchor_grid(budget: int, grid_size: int, routing: str = "piecewise") -> int:
+  """Side of the anchor grid PARCEL uses for ``budget`` (see module docstring)."""
+  if routing == "fixed4x4":
+    return 4
+  if routing == "fixed2x2":
+    return grid_size // 2
+  side = 4
+  while side * 2 < grid_size and (side * 2) ** 2 <= budget:
+    side *= 2
+  return side
+
+
+def budget_space(method: str, grid_size: int, *, routing: str = "piecewise",
+                 bank_size: int | None = None) -> tuple[int, ...]:
+  """Every budget ``method`` supports at a ``grid_size`` x ``grid_size`` feature grid."""
+  validate_method(method, routing)
+  full = grid_size * grid_size
+  if method == "none":
+    return (full,)
+  if method == "m3":
+    return tuple(s * s for s in range(2, grid_size + 1) if grid_size % s == 0)
+  if method == "mqt":
+    top = full if bank_size is None else min(full, bank_size)
+    return tuple(range(2, top + 1, 2))
+  # parcel
+  if grid_size % 4:
+    raise ValueError(f"parcel needs a feature grid divisible by 4 for its 4x4 anchors; got grid {grid_size}")
+  lowest = parcel_anchor_grid(0, grid_size, routing) ** 2
+  top = full
+  if bank_size is not None:  # the bank must cover the largest query count
+    top = min(top, max(b for b in range(lowest, full + 1, 2)
+                       if b - parcel_anchor_grid(b, grid_size, routing) ** 2 <= bank_size))
+  return tuple(range(lowest, top + 1, 2))
+
+
+def validate_method(method: str, routing: str = "piecewise") -> None:
+  if method not in METHODS:
+    raise ValueError(f"model.connector.method={method!r} is unknown; allowed: {', '.join(METHODS)}")
+  if routing not in ROUTINGS:
+    raise ValueError(f"model.connector.routing={routing!r} is unknown; allowed: {', '.join(ROUTINGS)}")
+
+
+def route(method: str, budget: int, grid_size: int, routing: str = "piecewise") -> tuple[int, int]:
+  """Splits ``budget`` into (num_anchors, num_queries) for ``method``.
+
+  Raises ValueError naming the method and its allowed budgets when ``budget`` is
+  not an integer in the method's space.
+  """
+  allowed = budget_space(method, grid_size, routing=routing)
+  if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+    raise _fail(method, budget, allowed, " (budgets are integers)")
+  budget = int(budget)
+  if budget not in allowed:
+    why = " (odd)" if method in ("parcel", "mqt") and budget % 2 else ""
+    raise _fail(method, budget, allowed, why)
+  if method == "mqt":
+    return 0, budget
+  if method in ("m3", "none"):
+    return budget, 0
+  anchors = parcel_anchor_grid(budget, grid_size, routing) ** 2
+  return anchors, budget - anchors
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSpec:
+  """Budgets of one connector configuration: space, routing, buckets, sampler.
+
+  Attributes:
+    method, grid_size, routing: as in ``route``.
+    budgets: the trained/evaluated space (a subset of the method's space, e.g. a
+      pooling specialist trains at one budget).
+    query_bucket: query slots are rounded up to a multiple of this (capped at the
+      regime's maximum), trading padding compute for fewer compiled programs.
+  """
+  method: str
+  grid_size: int
+  budgets: tuple[int, ...]
+  routing: str = "piecewise"
+  query_bucket: int = 64
+
+  @classmethod
+  def from_config(cls, connector_cfg, grid_size: int) -> "BudgetSpec":
+    c = connector_cfg
+    full = budget_space(c.method, grid_size, routing=c.routing,
+                        bank_size=(c.bank_size or None) if c.method in ("parcel", "mqt") else None)
+    chosen = tuple(c.budgets) if c.get("budgets") else full
+    bad = [b for b in chosen if b not in full]
+    if bad:
+      raise ValueError(f"model.connector.budgets has {bad} outside the space of method "
+                       f"{c.method!r} at grid {grid_size} (bank {c.get('bank_size')}): {_describe(full)}")
+    if c.query_bucket < 1:
+      raise ValueError(f"model.connector.query_bucket must be >= 1, got {c.query_bucket}")
+    return cls(c.method, grid_size, tuple(sorted(set(chosen))), c.routing, c.query_bucket)
+
+  def route(self, budget: int) -> tuple[int, int]:
+    if budget not in self.budgets:
+      raise _fail(self.method, budget, self.budgets, " for this configuration")
+    return route(self.method, budget, self.grid_size, self.routing)
+
+  def bucket(self, budget: int) -> Bucket:
+    """The static layout that serves ``budget``."""
+    anchors, queries = self.route(budget)
+    anchor_grid = math.isqrt(anchors)
+    if queries == 0:
+      return Bucket(anchor_grid, 0)
+    regime_max = max(self.route(b)[1] for b in self.budgets if self.route(b)[0] == anchors)
+    slots = min(-(-queries // self.query_bucket) * self.query_bucket, regime_max)
+    return Bucket(anchor_grid, slots)
+
+  def compact_bucket(self, budget: int) -> Bucket:
+    """The exact layout of ``budget`` (no padding): what inference and evaluation run."""
+    anchors, queries = self.route(budget)
+    return Bucket(math.isqrt(anchors), queries)
+
+  @property
+  def buckets(self) -> tuple[Bucket, ...]:
+    return tuple(sorted({self.bucket(b) for b in self.budgets}))
+
+  @property
+  def max_queries(self) -> int:
+    return max(self.route(b)[1] for b in self.budgets)
+
+
+def _step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
+  # Philox-style counter seeding: a pure function of (seed, step), independent per stream.
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), stream])
+
+
+def _weights(budgets: Sequence[int], distribution: str) -> np.ndarray:
+  if distribution == "uniform":
+    w = np.ones(len(budgets))
+  elif distribution == "log_uniform":  # uniform in log B: favours small budgets
+    b = np.asarray(budgets, np.float64)
+    edges = np.log(np.concatenate([b[:1], (b[1:] + b[:-1]) / 2, b[-1:]]))
+    w = np.maximum(np.diff(edges), 1e-12)
+  else:
+    raise ValueError(f"budget.distribution={distribution!r} is unknown; allowed: {', '.join(DISTRIBUTIONS)}")
+  return w / w.sum()
+
+
+def sample_budget(spec: BudgetSpec, seed: int, step: int, distribution: str = "uniform") -> int:
+  """The step's budget: a pure function of (seed, step)."""
+  rng = _step_rng(seed, step, 0)
+  return int(rng.choice(spec.budgets, p=_weights(spec.budgets, distribution)))
+
+
+def sample_step(spec: BudgetSpec, seed: int, step: int, batch_size: int, *,
+                mode: str = "per_batch", distribution: str = "uniform") -> tuple[Bucket, np.ndarray]:
+  """The step's static bucket and per-example budgets (batch_size,) int32.
+
+  ``per_batch``: one budget for the whole batch. ``per_example``: the step's bucket
+  is chosen by a batch-level draw (so shapes stay static), then every example draws
+  its own budget among the budgets of that bucket; the marginal per example is the
+  configured distribution.
+  """
+  if mode not in SAMPLING_MODES:
+    raise ValueError(f"budget.sampling={mode!r} is unknown; allowed: {', '.join(SAMPLING_MODES)}")
+  lead = sample_budget(spec, seed, step, distribution)
+  bucket = spec.bucket(lead)
+  if mode == "per_batch":
+    return bucket, np.full((batch_size,), lead, np.int32)
+  members = [b for b in spec.budgets if spec.bucket(b) == bucket]
+  p = _weights(spec.budgets, distribution)[[spec.budgets.index(b) for b in members]]
+  rng = _step_rng(seed, step, 1)
+  return bucket, rng.choice(members, size=batch_size, p=p / p.sum()).astype(np.int32)

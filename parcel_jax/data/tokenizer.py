@@ -1,0 +1,85 @@
+"""Word-level tokenizer and the prefix-LM text layout (PaliGemma convention).
+
+Layout of one example, length ``max_len``::
+
+  text       BOS q1 .. qn SEP a1 .. am EOS PAD ..
+  ar_mask     F  F  ..  F  F  T  ..  T  T   F  ..   prefix attends fully, suffix causally
+  loss_mask   F  F  ..  F  T  T  ..  T  F   F  ..   positions whose *target* is a1..am or EOS
+  targets    text shifted left by one (PAD at the end)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from parcel_jax.data import synthetic
+
+SPECIALS: tuple[str, ...] = ('<pad>', '<bos>', '<eos>', '<sep>', '<unk>')
+
+
+class WordTokenizer:
+  """Whitespace tokenizer over a fixed word list; specials take ids 0..4."""
+
+  pad_id, bos_id, eos_id, sep_id, unk_id = range(len(SPECIALS))
+
+  def __init__(self, words: Sequence[str]):
+    words = list(dict.fromkeys(words))  # dedupe, keep order: ids must be stable
+    clash = set(words) & set(SPECIALS)
+    if clash:
+      raise ValueError(f'words collide with special tokens: {sorted(clash)}')
+    self._id_to_word = list(SPECIALS) + words
+    self._word_to_id = {w: i for i, w in enumerate(self._id_to_word)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._id_to_word)
+
+  def encode(self, text: str) -> list[int]:
+    return [self._word_to_id.get(w, self.unk_id) for w in text.split()]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Joins words up to the first EOS, skipping PAD and BOS."""
+    words = []
+    for i in ids:
+      i = int(i)
+      if i == self.eos_id:
+        break
+      if i in (self.pad_id, self.bos_id):
+        continue
+      words.append(self._id_to_word[i] if 0 <= i < self.vocab_size else '<unk>')
+    return ' '.join(words)
+
+  def __repr__(self) -> str:
+    return f'WordTokenizer(vocab_size={self.vocab_size})'
+
+
+def synthetic_tokenizer() -> WordTokenizer:
+  return WordTokenizer(synthetic.vocabulary())
+
+
+def encode_example(tokenizer: WordTokenizer, question: str, answer: str,
+                   max_len: int) -> dict[str, np.ndarray]:
+  """Lays out one (question, answer) pair; every array has shape (max_len,).
+
+  Returns ``text``/``targets`` int32 and ``text_mask``/``ar_mask``/``loss_mask``
+  bool. Raises ValueError if the example needs more than ``max_len`` tokens.
+  """
+  q, a = tokenizer.encode(question), tokenizer.encode(answer)
+  ids = [tokenizer.bos_id, *q, tokenizer.sep_id, *a, tokenizer.eos_id]
+  n = len(ids)
+  if n > max_len:
+    raise ValueError(f'example needs {n} tokens (question {len(q)} + answer {len(a)} + 3 '
+                     f'specials) but max_len is {max_len}: {question!r} -> {answer!r}')
+  text = np.full(max_len, tokenizer.pad_id, np.int32)
+  text[:n] = ids
+  pos = np.arange(max_len)
+  suffix_start = len(q) + 2  # first answer token (or EOS if the answer is empty)
+  return {
+      'text': text,
+      'text_mask': pos < n,
+      'ar_mask': (pos >= suffix_start) & (pos < n),
+      'targets': np.append(text[1:], np.int32(tokenizer.pad_id)),
+      'loss_mask': (pos >= suffix_start - 1) & (pos < n - 1),
+  }

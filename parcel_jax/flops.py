@@ -1,0 +1,221 @@
+"""Inference cost of a PaliGemma-style VLM with a visual-token connector (paper, Appendix C).
+
+One multiply-add = 2 FLOPs; norms, activations, softmax, biases and the parameter-free
+pooling are omitted, as in the paper. Symbols (all from the config):
+
+  N_v = (image_size / patch_size)^2 patch tokens per frame, D_v / L_v / M_v ViT width / depth / MLP
+  D_l / L_l / M_l decoder width / depth / MLP, H_q / H_kv query / KV heads, d_h head dim, V vocab
+  B visual tokens per frame = N_p anchors + N_q queries (``budgets.route``), T frames
+  N_t text prefix = 129 for images, 65 for video;  N_tot = T B + N_t tokens prefilled
+
+  ViT         T L_v (8 N_v D_v^2 + 4 N_v^2 D_v + 4 N_v D_v M_v)
+  connector   T [8 B D_v^2 + 4 B^2 D_v                  self-attention over [anchors; queries]
+                 + 4 (N_q + N_v) D_v^2 + 4 N_q N_v D_v  cross-attention of the queries to the ViT grid
+                 + 4 N_q D_v M_c]                       one MLP on the query tokens (M_c = connector.mlp_dim)
+              (PARCEL, only when N_q > 0: at B = 16 and 64 it is pure pooling and costs 0)
+  projection  2 T B D_v D_l
+  LLM prefill L_l (4 N_tot D_l d_h (H_q + H_kv) + 4 N_tot^2 H_q d_h + 6 N_tot D_l M_l)
+  head        2 N_t D_l V                               logits over the text prefix only
+  KV cache    2 bytes (bf16) x 2 (K, V) x L_l H_kv d_h x N_tot
+
+Connector variants the paper does not cost (our choices, same block accounting):
+  mqt                      cross-attention + MLP with N_q = B (no anchors, no self-attention).
+  conditioning='none'      PARCEL without the self-attention term (ViT-only cross-attention).
+  conditioning='dual_cross' the self-attention term is replaced by a cross-attention of the N_q
+                           queries to the N_p anchors: 4 (N_q + N_p) D_v^2 + 4 N_q N_p D_v.
+  extra_self_attn (m3/mqt) adds one self-attention over the B output tokens, 8 B D^2 + 4 B^2 D
+                           (attention only: the paper's self-attention term carries no MLP);
+                           for m3 this is the whole connector cost. Ignored for parcel/none.
+  m3, none                 0 (parameter-free pooling / identity).
+
+CLI:
+  python -m parcel_jax.flops --config=configs/base.py --budgets=16,64,256 [--frames=16] [--json]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+from parcel_jax import budgets as budgets_lib
+
+IMAGE_TEXT_TOKENS = 129  # N_t for a single image (paper, Appendix C)
+VIDEO_TEXT_TOKENS = 65   # N_t for 16-frame video
+KV_BYTES_PER_VALUE = 2   # bf16 cache
+COMPONENTS = ("vit", "connector", "projection", "llm", "head")
+
+
+def text_tokens(frames: int) -> int:
+  """N_t: the paper's text prefix length, 129 for an image and 65 for video (frames > 1)."""
+  return IMAGE_TEXT_TOKENS if frames == 1 else VIDEO_TEXT_TOKENS
+
+
+def grid_size(config) -> int:
+  """Side of the square ViT feature grid, image_size // patch_size."""
+  v = config.model.vision
+  return v.image_size // v.patch_size
+
+
+def self_attention_flops(n: int, d: int) -> int:
+  """n tokens attending to each other at width d: Q,K,V,O projections + scores + weighted sum."""
+  return 8 * n * d * d + 4 * n * n * d
+
+
+def cross_attention_flops(n_query: int, n_source: int, d: int) -> int:
+  """n_query tokens attending to n_source tokens: Q,O on queries, K,V on sources, scores + sum."""
+  return 4 * (n_query + n_source) * d * d + 4 * n_query * n_source * d
+
+
+def mlp_flops(n: int, d: int, hidden: int) -> int:
+  """A two-matrix MLP d -> hidden -> d on n tokens."""
+  return 4 * n * d * hidden
+
+
+def vit_flops(n_v: int, d: int, depth: int, mlp: int) -> int:
+  """One frame through the ViT: depth x (self-attention over N_v patches + MLP)."""
+  return depth * (self_attention_flops(n_v, d) + mlp_flops(n_v, d, mlp))
+
+
+def connector_flops(connector, n_p: int, n_q: int, n_v: int, d: int) -> int:
+  """One frame through the connector at the vision width d (see the module docstring)."""
+  method = connector.method
+  budget = n_p + n_q
+  extra = connector.get("extra_self_attn", False)
+  if method == "none":
+    return 0
+  if method == "m3":
+    return self_attention_flops(budget, d) if extra else 0
+  if method == "mqt":
+    flops = cross_attention_flops(n_q, n_v, d) + mlp_flops(n_q, d, connector.mlp_dim)
+    return flops + (self_attention_flops(budget, d) if extra else 0)
+  if method != "parcel":
+    raise ValueError(f"model.connector.method={method!r} is unknown; allowed: {budgets_lib.METHODS}")
+  if n_q == 0:  # pure pooling: the query path is off
+    return 0
+  conditioning = connector.get("conditioning", "self_attn")
+  if conditioning == "self_attn":
+    condition = self_attention_flops(budget, d)
+  elif conditioning == "none":
+    condition = 0
+  elif conditioning == "dual_cross":
+    condition = cross_attention_flops(n_q, n_p, d)
+  else:
+    raise ValueError(f"model.connector.conditioning={conditioning!r} is unknown; "
+                     "allowed: self_attn, none, dual_cross")
+  return condition + cross_attention_flops(n_q, n_v, d) + mlp_flops(n_q, d, connector.mlp_dim)
+
+
+def llm_prefill_flops(n_tot: int, dec) -> int:
+  """Prefill of n_tot tokens through the grouped-query, gated-MLP decoder (no head)."""
+  qkvo = 4 * n_tot * dec.width * dec.head_dim * (dec.num_heads + dec.num_kv_heads)
+  attention = 4 * n_tot * n_tot * dec.num_heads * dec.head_dim
+  mlp = 6 * n_tot * dec.width * dec.mlp_dim  # gate, up and down projections
+  return dec.depth * (qkvo + attention + mlp)
+
+
+def cost(config, budget: int, frames: int = 1) -> dict[str, int]:
+  """Appendix C cost of one example at ``budget`` visual tokens per frame.
+
+  Args:
+    config: ConfigDict with ``model.vision``, ``model.decoder`` and ``model.connector``.
+    budget: B, visual tokens per frame; must be in the method's budget space.
+    frames: T, frames encoded independently (video when > 1).
+
+  Returns:
+    FLOPs of ``vit``, ``connector``, ``projection``, ``llm`` (prefill), ``head`` and their
+    ``total``, and ``kv_cache_bytes`` after prefill; python ints. A decoder ``vocab_size``
+    of 0 (``configs/base.py``: "the tokenizer decides") gives a head cost of 0.
+  """
+  if frames < 1:
+    raise ValueError(f"frames must be >= 1, got {frames}")
+  vis, dec, con = config.model.vision, config.model.decoder, config.model.connector
+  grid = grid_size(config)
+  n_v = grid * grid
+  n_p, n_q = budgets_lib.route(con.method, budget, grid, con.get("routing", "piecewise"))
+  n_t = text_tokens(frames)
+  n_tot = frames * budget + n_t
+
+  out = {
+      "vit": frames * vit_flops(n_v, vis.width, vis.depth, vis.mlp_dim),
+      "connector": frames * connector_flops(con, n_p, n_q, n_v, vis.width),
+      "projection": 2 * frames * budget * vis.width * dec.width,
+      "llm": llm_prefill_flops(n_tot, dec),
+      "head": 2 * n_t * dec.width * dec.vocab_size,
+  }
+  out["total"] = sum(out[k] for k in COMPONENTS)
+  out["kv_cache_bytes"] = KV_BYTES_PER_VALUE * 2 * dec.depth * dec.num_kv_heads * dec.head_dim * n_tot
+  return out
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs XLA's cost analysis reports for a compiled program (0 if none)."""
+  analysis = compiled.cost_analysis()
+  # Older JAX returns one dict per computation in a list; newer returns a dict.
+  if isinstance(analysis, dict):
+    analysis = [analysis]
+  return float(sum(a.get("flops", 0.0) for a in (analysis or []) if a))
+
+
+def xla_flops(fn: Callable[..., Any], *args) -> float:
+  """FLOPs XLA's cost analysis reports for ``jax.jit(fn)(*args)`` (compiled, not run)."""
+  import jax  # lazily: the analytic cost model and its CLI need no accelerator runtime
+
+  return compiled_flops(jax.jit(fn).lower(*args).compile())
+
+
+# -------------------------------------------------------------------------- CLI
+
+def _table(config, rows: list[tuple[int, dict]], frames: int) -> str:
+  grid = grid_size(config)
+  con = config.model.connector
+  ref = max(rows, key=lambda r: r[0])[1]["total"]
+  head = (f"{'B':>5} {'N_p':>5} {'N_q':>5} {'ViT':>9} {'conn':>9} {'proj':>9} {'LLM':>9} "
+          f"{'head':>9} {'total':>9} {'KV MiB':>8} {'rel':>6}")
+  lines = [f"method={con.method} routing={con.get('routing', 'piecewise')} "
+           f"conditioning={con.get('conditioning', 'self_attn')} grid={grid}x{grid} frames={frames} "
+           f"N_t={text_tokens(frames)}   (GFLOPs; rel = total / total at the largest budget)", head]
+  for b, c in rows:
+    n_p, n_q = budgets_lib.route(con.method, b, grid, con.get("routing", "piecewise"))
+    g = {k: c[k] / 1e9 for k in COMPONENTS + ("total",)}
+    lines.append(f"{b:>5} {n_p:>5} {n_q:>5} {g['vit']:>9.2f} {g['connector']:>9.2f} "
+                 f"{g['projection']:>9.2f} {g['llm']:>9.2f} {g['head']:>9.2f} {g['total']:>9.2f} "
+                 f"{c['kv_cache_bytes'] / 2**20:>8.2f} {c['total'] / ref:>6.3f}")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  from absl import flags
+
+  del argv
+  config, frames = flags.FLAGS.config, flags.FLAGS.frames
+  try:
+    budget_list = [int(b) for b in flags.FLAGS.budgets]
+    rows = [(b, cost(config, b, frames)) for b in budget_list]
+  except ValueError as e:  # a budget outside the method's space: say which are allowed
+    raise SystemExit(f"error: {e}") from e
+  if config.model.decoder.vocab_size == 0:
+    print("note: model.decoder.vocab_size is 0 (set by the tokenizer at train time): head cost is 0",
+          file=sys.stderr)
+  if flags.FLAGS.json:
+    print(json.dumps({str(b): c for b, c in rows}, indent=2))
+  else:
+    print(_table(config, rows, frames))
+
+
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).", lock_config=True)
+  flags.DEFINE_list("budgets", ["16", "64", "256"], "Visual-token budgets per frame.")
+  flags.DEFINE_integer("frames", 1, "Frames T (video when > 1: N_t = 65).")
+  flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+  flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,167 @@
+"""SigLIP-style vision transformer (the PaliGemma image encoder, without its MAP head).
+
+images (b, H, W, 3) -> patch embedding (a linear map of each p x p x 3 patch, with
+bias) + position embedding -> ``depth`` pre-LayerNorm blocks (multi-head attention
+with biases; GELU-tanh MLP with biases) -> final LayerNorm -> features
+(b, grid, grid, width). The connector consumes the features after the final norm,
+as PaliGemma's projection does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parcel_jax.models import layers
+
+Array = jax.Array
+
+POSEMBS = ("learn", "sincos2d")
+
+VIT_VARIANTS: dict[str, dict[str, Any]] = {
+    # CPU default: 64 px / patch 4 keeps the paper's 16 x 16 feature grid.
+    "tiny": dict(image_size=64, patch_size=4, width=64, depth=2, mlp_dim=256, num_heads=4),
+    # SigLIP So400m/14 (PaliGemma-2); at 224 px a 16 x 16 grid. ``image_size=448`` gives 32 x 32.
+    "So400m/14": dict(image_size=224, patch_size=14, width=1152, depth=27, mlp_dim=4304,
+                      num_heads=16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  posemb: str = "learn"        # learn | sincos2d
+  dtype: Any = None            # compute dtype; None = float32
+  param_dtype: Any = jnp.float32
+  scan: bool = False           # run the blocks as one scanned layer
+  remat: str = "none"          # none | full | dots | dots_no_batch
+
+  def __post_init__(self):
+    for name in ("image_size", "patch_size", "width", "depth", "mlp_dim", "num_heads"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"ViTConfig.{name}={getattr(self, name)} must be positive")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"ViTConfig.image_size={self.image_size} must be a multiple of "
+                       f"patch_size={self.patch_size}")
+    if self.width % self.num_heads:
+      raise ValueError(f"ViTConfig.width={self.width} must be a multiple of num_heads={self.num_heads}")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"ViTConfig.posemb={self.posemb!r} is unknown; allowed: {', '.join(POSEMBS)}")
+    if self.posemb == "sincos2d" and self.width % 4:
+      raise ValueError(f"ViTConfig.width={self.width} must be a multiple of 4 for posemb='sincos2d'")
+    layers.check_remat(self.remat, "ViTConfig.remat")
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+
+def vit_config(variant: str, **overrides) -> ViTConfig:
+  if variant not in VIT_VARIANTS:
+    raise ValueError(f"vision variant={variant!r} is unknown; allowed: {', '.join(VIT_VARIANTS)}")
+  return ViTConfig(**{**VIT_VARIANTS[variant], **overrides})
+
+
+class ViTBlock(nnx.Module):
+  """Pre-LN encoder block: x + MHA(LN(x)); x + MLP(LN(x)). (b, n, width) -> same."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+    self.norm1 = layers.layer_norm(cfg.width, **kw)
+    self.attn = layers.Attention(cfg.width, cfg.num_heads, cfg.head_dim, use_bias=True,
+                                 dtype=cfg.dtype, **kw)
+    self.norm2 = layers.layer_norm(cfg.width, **kw)
+    self.mlp = layers.Mlp(cfg.width, cfg.mlp_dim, gated=False, use_bias=True, dtype=cfg.dtype, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    # LayerNorm statistics are float32; the residual stream stays in the compute dtype.
+    x = x + self.attn(self.norm1(x)).astype(x.dtype)
+    return x + self.mlp(self.norm2(x)).astype(x.dtype)
+
+
+def _run_block(block: ViTBlock, x: Array) -> tuple[Array, None]:
+  return block(x), None
+
+
+class ViT(nnx.Module):
+  """images (b, image_size, image_size, 3) -> features (b, grid, grid, width)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    p, w = cfg.patch_size, cfg.width
+    # A p x p stride-p convolution is a linear map of each flattened patch; keeping the
+    # (p, p, 3, width) kernel layout matches conv checkpoints.
+    self.patch_kernel = nnx.Param(layers.param_init(
+        nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                          in_axis=(0, 1, 2), out_axis=3),
+        (None, None, None, "embed"))(rngs.params(), (p, p, 3, w), cfg.param_dtype))
+    self.patch_bias = nnx.Param(layers.param_init(nnx.initializers.zeros, ("embed",))(
+        rngs.params(), (w,), cfg.param_dtype))
+    if cfg.posemb == "learn":
+      self.posemb = nnx.Param(layers.param_init(nnx.initializers.normal(w ** -0.5), ("tokens", "embed"))(
+          rngs.params(), (cfg.grid_size ** 2, w), cfg.param_dtype))
+    else:  # fixed sincos2d codes, computed on the fly
+      self.posemb = None
+    make = lambda r: ViTBlock(cfg, rngs=r)
+    if cfg.scan:
+      self.blocks = layers.create_stack(make, cfg.depth, rngs)
+    else:
+      self.blocks = nnx.List([make(rngs) for _ in range(cfg.depth)])
+    self.norm = layers.layer_norm(w, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def embed_patches(self, images: Array) -> Array:
+    """(b, H, W, 3) -> (b, grid * grid, width), raster order, position code added."""
+    cfg, g, p = self.cfg, self.cfg.grid_size, self.cfg.patch_size
+    dtype = cfg.dtype or jnp.float32
+    b = images.shape[0]
+    patches = images.astype(dtype).reshape(b, g, p, g, p, 3)
+    x = jnp.einsum("bipjqc,pqcd->bijd", patches, self.patch_kernel[...].astype(dtype))
+    x = x.reshape(b, g * g, cfg.width) + self.patch_bias[...].astype(dtype)
+    pos = self.posemb[...] if self.posemb is not None else layers.sincos_2d(g, cfg.width)
+    return x + pos.astype(dtype)
+
+  def __call__(self, images: Array) -> Array:
+    cfg, g = self.cfg, self.cfg.grid_size
+    expected = (cfg.image_size, cfg.image_size, 3)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+      raise ValueError(f"ViT expects images (batch, {cfg.image_size}, {cfg.image_size}, 3), "
+                       f"got shape {tuple(images.shape)}")
+    x = self.embed_patches(images)
+    run = layers.maybe_remat(_run_block, cfg.remat)
+    if cfg.scan:
+      x, _ = nnx.scan(lambda c, blk: run(blk, c), in_axes=(nnx.Carry, 0),
+                      out_axes=(nnx.Carry, 0))(x, self.blocks)
+    else:
+      for block in self.blocks:
+        x, _ = run(block, x)
+    x = self.norm(x).astype(x.dtype)
+    out = x.reshape(images.shape[0], g, g, cfg.width)
+    chex.assert_shape(out, (images.shape[0], g, g, cfg.width))
+    return out
+
+
+# ------------------------------------------------------ scanned <-> per-layer params
+
+def to_scanned(params: dict, cfg: ViTConfig) -> dict:
+  """Pure-dict params of a ``scan=False`` ViT -> the ``scan=True`` layout."""
+  blocks = [params["blocks"][i] for i in range(cfg.depth)]
+  return {**params, "blocks": layers.stack_trees(blocks)}
+
+
+def from_scanned(params: dict, cfg: ViTConfig) -> dict:
+  """Inverse of ``to_scanned``."""
+  return {**params, "blocks": dict(enumerate(layers.unstack_tree(params["blocks"], cfg.depth)))}

@@ -1,0 +1,116 @@
+"""PaliGemma-style assembly: image -> ViT -> connector(budget) -> projection -> prefix-LM.
+
+The LLM input is ``[visual tokens (bucket.num_slots); text (L)]``. Visual tokens
+and the text prefix attend to each other fully; the suffix is causal. Masked
+visual slots (beyond an example's budget) are invalid tokens for the decoder:
+they neither attend nor are attended to and do not advance positions, so a
+bucketed forward pass equals the compact one on every valid position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parcel_jax.budgets import Bucket
+from parcel_jax.models import connectors, gemma, layers, vit
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vision: vit.ViTConfig
+  connector: connectors.ConnectorConfig
+  decoder: gemma.DecoderConfig
+
+
+def _dataclass_from(cls, cfg, **extra):
+  """Builds dataclass ``cls`` from the matching fields of a ConfigDict."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  values = {k: v for k, v in cfg.items() if k in names}
+  for key in ("dtype", "param_dtype"):
+    if isinstance(values.get(key), str):
+      if values[key] not in DTYPES:
+        raise ValueError(f"{key}={values[key]!r} is unknown; allowed: {', '.join(DTYPES)}")
+      values[key] = DTYPES[values[key]]
+  values.update(extra)
+  return cls(**values)
+
+
+def model_config(model_cfg) -> ModelConfig:
+  """ModelConfig from ``config.model`` (a ConfigDict); ``dtype`` there is the compute dtype."""
+  dtype = model_cfg.get("dtype", "float32")
+  common = dict(dtype=None if dtype == "float32" else DTYPES[dtype])
+  vision = _dataclass_from(vit.ViTConfig, model_cfg.vision, **common)
+  grid = vision.image_size // vision.patch_size
+  connector = _dataclass_from(connectors.ConnectorConfig, model_cfg.connector,
+                              width=vision.width, grid_size=grid, **common)
+  decoder = _dataclass_from(gemma.DecoderConfig, model_cfg.decoder, **common)
+  return ModelConfig(vision, connector, decoder)
+
+
+class VLM(nnx.Module):
+  """Vision-language model with an elastic connector."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.vision = vit.ViT(cfg.vision, rngs=rngs)
+    self.connector = connectors.make_connector(cfg.connector, rngs=rngs)
+    # PaliGemma's single linear map from vision width to LLM width.
+    self.projection = nnx.Linear(
+        cfg.vision.width, cfg.decoder.width, use_bias=True, dtype=cfg.decoder.dtype,
+        kernel_init=layers.param_init(nnx.initializers.lecun_normal(), ("embed", "llm_embed")),
+        bias_init=layers.param_init(nnx.initializers.zeros, ("llm_embed",)), rngs=rngs)
+    self.decoder = gemma.Decoder(cfg.decoder, rngs=rngs)
+
+  def encode_images(self, images: Array) -> Array:
+    """(b, H, W, 3) in [-1, 1] -> features (b, grid, grid, vision width)."""
+    return self.vision(images)
+
+  def visual_tokens(self, features: Array, bucket: Bucket, budgets: Array) -> tuple[Array, Array]:
+    """features (b, g, g, Dv), budgets (b,) -> tokens (b, slots, Dl), mask (b, slots)."""
+    tokens, mask = self.connector(features, bucket, budgets)
+    chex.assert_shape(tokens, (features.shape[0], bucket.num_slots, self.cfg.vision.width))
+    return self.projection(tokens), mask
+
+  def text_logits(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
+                  bucket: Bucket, budgets: Array) -> Array:
+    """Logits over the text positions given precomputed vision features.
+
+    Args:
+      features: (b, g, g, Dv) from ``encode_images`` (evaluation reuses them for every budget).
+      text, text_mask, ar_mask: (b, L); ``ar_mask`` True marks causal (suffix) tokens.
+      bucket: static visual layout; budgets: (b,) int32 visual tokens per example.
+    Returns: (b, L, vocab).
+    """
+    b, length = text.shape
+    visual, visual_mask = self.visual_tokens(features, bucket, budgets)
+    embedded = self.decoder.embed(text)
+    x = jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1)
+    input_mask = jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
+    ar = jnp.concatenate([jnp.zeros((b, bucket.num_slots), bool), ar_mask.astype(bool)], axis=1)
+    hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
+    logits = self.decoder.logits(hidden[:, bucket.num_slots:])
+    chex.assert_shape(logits, (b, length, self.cfg.decoder.vocab_size))
+    return logits
+
+  def __call__(self, images: Array, text: Array, text_mask: Array, ar_mask: Array, *,
+               bucket: Bucket, budgets: Array) -> Array:
+    """images (b, H, W, 3), text/masks (b, L), budgets (b,) -> logits (b, L, vocab)."""
+    return self.text_logits(self.encode_images(images), text, text_mask, ar_mask,
+                            bucket=bucket, budgets=budgets)
+
+
+def parameter_counts(model: VLM) -> dict[str, int]:
+  """Parameters per top-level module and in total."""
+  counts = {name: layers.num_params(nnx.state(getattr(model, name), nnx.Param))
+            for name in ("vision", "connector", "projection", "decoder")}
+  counts["total"] = sum(counts.values())
+  return counts

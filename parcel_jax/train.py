@@ -1,0 +1,389 @@
+r"""Main training job: ``python -m parcel_jax.train --config=configs/base.py --workdir=DIR``.
+
+Reads top to bottom: config -> mesh -> model and optimizer state (sharded) -> data
+-> loop (sample a budget, step, log, checkpoint) -> final evaluation at every
+requested budget. Restarting with the same ``--workdir`` resumes exactly.
+
+Exit status: 0 finished; 3 preempted (SIGTERM) after a complete checkpoint at the
+current step; 1 on an error (the last complete checkpoint is left intact).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging as std_logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from parcel_jax import budgets as budgets_lib
+from parcel_jax import checkpoint as ckpt_lib
+from parcel_jax import metrics as metrics_lib
+from parcel_jax import optim, sharding
+from parcel_jax.data import pipeline, synthetic, tokenizer as tokenizer_lib
+from parcel_jax.models import vlm
+
+PREEMPTED_EXIT_CODE = 3
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/base.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval results.")
+
+
+# --------------------------------------------------------------------------- config
+
+def validate_config(config: ml_collections.ConfigDict) -> tuple[vlm.ModelConfig, budgets_lib.BudgetSpec]:
+  """Checks the config before anything is compiled; errors name the field.
+
+  Fills ``model.decoder.vocab_size`` from the data's tokenizer when it is 0.
+  """
+  v = config.model.vision
+  if v.image_size % v.patch_size:
+    raise ValueError(f"model.vision.image_size={v.image_size} is not divisible by "
+                     f"model.vision.patch_size={v.patch_size}")
+  if config.data.name != "synthetic":
+    raise ValueError(f"data.name={config.data.name!r} is unknown; allowed: synthetic")
+  vocab = tokenizer_lib.synthetic_tokenizer().vocab_size
+  with config.unlocked():
+    if config.model.decoder.vocab_size == 0:
+      config.model.decoder.vocab_size = vocab
+  if config.model.decoder.vocab_size < vocab:
+    raise ValueError(f"model.decoder.vocab_size={config.model.decoder.vocab_size} is smaller than "
+                     f"the tokenizer's vocabulary ({vocab})")
+  grid = v.image_size // v.patch_size
+  spec = budgets_lib.BudgetSpec.from_config(config.model.connector, grid)
+  for field, value, allowed in (("budget.sampling", config.budget.sampling, budgets_lib.SAMPLING_MODES),
+                                ("budget.distribution", config.budget.distribution, budgets_lib.DISTRIBUTIONS),
+                                ("train.on_nonfinite", config.train.on_nonfinite, ("skip", "stop"))):
+    if value not in allowed:
+      raise ValueError(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
+  for field in ("train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
+                "eval.batch_size", "optim.grad_accum_steps"):
+    section, name = field.split(".")
+    if config[section][name] < 1:
+      raise ValueError(f"{field} must be >= 1, got {config[section][name]}")
+  if config.train.batch_size % config.optim.grad_accum_steps:
+    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
+                     f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
+  if config.eval.num_examples > config.data.eval_size:
+    raise ValueError(f"eval.num_examples={config.eval.num_examples} exceeds data.eval_size={config.data.eval_size}")
+  if not eval_budgets(config, spec):
+    raise ValueError(f"eval.budgets={tuple(config.eval.budgets)} has no budget of method "
+                     f"{spec.method!r} (allowed: {spec.budgets[0]}..{spec.budgets[-1]})")
+  return vlm.model_config(_model_fields(config.model)), spec
+
+
+def _model_fields(model_cfg):
+  """Maps the config's 0 = off convention onto the modules' None."""
+  m = ml_collections.ConfigDict(model_cfg.to_dict())
+  for key in ("attn_softcap", "final_softcap", "sliding_window", "query_scale"):
+    if not m.decoder.get(key):
+      m.decoder[key] = None
+  return m
+
+
+def eval_budgets(config, spec: budgets_lib.BudgetSpec) -> tuple[int, ...]:
+  """Requested eval budgets that the method supports (M3: only its own squares)."""
+  return tuple(b for b in config.eval.budgets if b in spec.budgets)
+
+
+# ---------------------------------------------------------------------- model state
+
+def init_state(model_cfg: vlm.ModelConfig, optim_cfg, num_steps: int, mesh, seed: int):
+  """Graph definition, optimizer, and sharded params + optimizer state created on the mesh."""
+  make = lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(seed))
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  tx = optim.make_optimizer(optim_cfg, nnx.to_pure_dict(abstract), num_steps)
+  param_shardings = sharding.param_shardings(abstract, mesh)
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=param_shardings)()
+  opt_state = jax.jit(tx.init)(params)
+  return graphdef, tx, params, opt_state
+
+
+def abstract_train_state(state: dict) -> dict:
+  """ShapeDtypeStructs with shardings: the restore target for Orbax."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+# ------------------------------------------------------------------------- the step
+
+def token_loss(logits, targets, loss_mask):
+  """Summed cross-entropy and token count over the suffix."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def exact_match(logits, targets, loss_mask):
+  """(b,) bool: every suffix token is the argmax. Equals greedy decoding producing
+  exactly the answer and EOS, because greedy decoding feeds back only its own
+  (then correct) tokens."""
+  hit = (jnp.argmax(logits, -1) == targets) | ~loss_mask.astype(bool)
+  return jnp.all(hit, axis=-1)
+
+
+def make_train_step(graphdef, tx, *, accum_steps: int):
+  """The pure step: (params, opt_state, batch, budgets) -> (params, opt_state, metrics)."""
+
+  def micro_loss(params, micro, budgets, bucket):
+    model = nnx.merge(graphdef, params)
+    logits = model(micro["image"], micro["text"], micro["text_mask"], micro["ar_mask"],
+                   bucket=bucket, budgets=budgets)
+    loss_sum, count = token_loss(logits, micro["targets"], micro["loss_mask"])
+    em = exact_match(logits, micro["targets"], micro["loss_mask"])
+    return loss_sum, (count, jnp.sum(em))
+
+  def step(params, opt_state, batch, budgets, *, bucket):
+    split = lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+    micro_batches = jax.tree.map(split, (batch, budgets))
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def accumulate(carry, micro):
+      grads, loss_sum, count, em = carry
+      (l, (c, e)), g = grad_fn(params, micro[0], micro[1], bucket)
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + c, em + e), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss_sum, count, em), _ = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0, 0.0), micro_batches)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss = loss_sum / count
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves parameters and optimizer state untouched.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "train_exact_match": em / budgets.shape[0],
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+  return step
+
+
+class CompiledSteps:
+  """One compiled program per bucket (AOT), with XLA's FLOP count for MFU."""
+
+  def __init__(self, step_fn, mesh):
+    self._jitted = jax.jit(step_fn, static_argnames="bucket", donate_argnums=(0, 1))
+    self._compiled = {}
+    self.flops = {}
+    self.mesh = mesh
+
+  def __call__(self, params, opt_state, batch, budgets, bucket):
+    if bucket not in self._compiled:
+      lowered = self._jitted.lower(params, opt_state, batch, budgets, bucket=bucket)
+      compiled = lowered.compile()
+      self._compiled[bucket] = compiled
+      self.flops[bucket] = metrics_lib.compiled_flops(compiled)
+    return self._compiled[bucket](params, opt_state, batch, budgets)
+
+  @property
+  def num_compiled(self) -> int:
+    return len(self._compiled)
+
+
+# ---------------------------------------------------------------------- evaluation
+
+def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, mesh,
+             *, progress: bool = True) -> dict:
+  """Exact match per budget and task family on the eval stream.
+
+  Each image batch is encoded once; its vision features are reused for every
+  budget, which runs at its compact shape (exactly B visual tokens).
+  """
+  encode = jax.jit(lambda p, images: nnx.merge(graphdef, p).encode_images(images))
+
+  @functools.partial(jax.jit, static_argnames="bucket")
+  def score(p, features, batch, budget_vec, bucket):
+    model = nnx.merge(graphdef, p)
+    logits = model.text_logits(features, batch["text"], batch["text_mask"], batch["ar_mask"],
+                               bucket=bucket, budgets=budget_vec)
+    return exact_match(logits, batch["targets"], batch["loss_mask"])
+
+  hits = {b: [] for b in budgets}
+  families, valid = [], []
+  dataset = pipeline.build_eval_dataset(config.data, batch_size=config.eval.batch_size,
+                                        num_examples=config.eval.num_examples)
+  batch_spec = sharding.batch_sharding(mesh)
+  for i, batch in enumerate(dataset):
+    n = batch["image"].shape[0]
+    device_batch = {k: jax.device_put(v, batch_spec) if n % mesh.size == 0 else jnp.asarray(v)
+                    for k, v in batch.items() if k not in ("family", "valid")}
+    features = encode(params, device_batch["image"])
+    for b in budgets:
+      em = score(params, features, device_batch, jnp.full((n,), b, jnp.int32), bucket=spec.compact_bucket(b))
+      hits[b].append(np.asarray(em))
+    families.append(np.asarray(batch["family"]))
+    valid.append(np.asarray(batch["valid"], bool))  # eval batches are padded to full size
+    if progress and jax.process_index() == 0:
+      logging.info("eval batch %d: %d budgets", i + 1, len(budgets))
+  valid = np.concatenate(valid)
+  families = np.concatenate(families)[valid]
+  results = {}
+  for b in budgets:
+    h = np.concatenate(hits[b])[valid].astype(np.float64)
+    row = {"overall": float(h.mean())}
+    for f, name in enumerate(synthetic.FAMILIES):
+      sel = families == f
+      if sel.any():
+        row[name] = float(h[sel].mean())
+    results[str(b)] = row
+  return {"method": spec.method, "num_examples": int(families.size), "budgets": results}
+
+
+def format_eval_table(result: dict) -> str:
+  names = ["overall"] + [f for f in synthetic.FAMILIES if any(f in r for r in result["budgets"].values())]
+  lines = [f"{'budget':>7} " + " ".join(f"{n:>10}" for n in names)]
+  for b, row in result["budgets"].items():
+    lines.append(f"{b:>7} " + " ".join(f"{100 * row.get(n, float('nan')):>9.1f}%" for n in names))
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- main
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) training in ``workdir`` and returns the final eval result."""
+  model_cfg, spec = validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
+                     f"{mesh.shape['data'] * mesh.shape['fsdp']} data shards of mesh.shape={tuple(config.mesh.shape)}")
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  preemption = _Preemption()
+
+  # Model and optimizer.
+  num_steps = config.train.num_steps
+  graphdef, tx, params, opt_state = init_state(model_cfg, config.optim, num_steps, mesh, config.seed)
+  counts = vlm.parameter_counts(nnx.merge(graphdef, params))
+  logging.info("parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
+  logging.info("budgets: %s, buckets: %s", budgets_lib._describe(spec.budgets),
+               ", ".join(map(str, spec.buckets)))
+
+  # Data.
+  train_iter = iter(pipeline.build_train_dataset(
+      config.data, seed=config.seed, global_batch_size=config.train.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_threads))
+
+  # Resume.
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  state = {"params": params, "opt_state": opt_state, "step": 0}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, abstract_train_state(state), train_iter)
+    logging.info("resumed from step %d in %s", latest, ckpt.directory)
+  params, opt_state, start = state["params"], state["opt_state"], int(state["step"])
+
+  # Loop.
+  steps = CompiledSteps(make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps), mesh)
+  batch_spec = sharding.batch_sharding(mesh)
+  meter = metrics_lib.Throughput(peak_flops=metrics_lib.peak_flops(), total_steps=num_steps)
+  nonfinite_steps = 0
+  last = min(num_steps, config.train.stop_at or num_steps)
+  for step in range(start, last):
+    bucket, budget_vec = budgets_lib.sample_step(
+        spec, config.seed, step, config.train.batch_size,
+        mode=config.budget.sampling, distribution=config.budget.distribution)
+    local = next(train_iter)
+    local.pop("family")  # evaluation-only field
+    batch = {k: jax.make_array_from_process_local_data(batch_spec, v) for k, v in local.items()}
+    budget_arr = jax.make_array_from_process_local_data(
+        batch_spec, budget_vec.reshape(jax.process_count(), -1)[jax.process_index()])
+    params, opt_state, m = steps(params, opt_state, batch, budget_arr, bucket)
+
+    done = step + 1
+    if done % config.train.log_every == 0 or done == num_steps:
+      m = jax.device_get(m)
+      text_tokens = float(np.sum(local["text_mask"]))
+      rates = meter.update(done, examples_per_step=config.train.batch_size,
+                           tokens_per_step=float(np.sum(budget_vec)) + text_tokens * jax.process_count(),
+                           flops_per_step=steps.flops[bucket])
+      record = {"step": done, "budget": int(budget_vec[0]), "bucket": str(bucket),
+                "data_fingerprint": metrics_lib.fingerprint(local),
+                **{k: float(v) for k, v in m.items()}, **rates, "compiled_programs": steps.num_compiled}
+      writer.write(done, record)
+      logging.info("step %d/%d loss %.4f budget %d em %.2f | %.1f ex/s %.0f tok/s MFU %.1f%% ETA %s",
+                   done, num_steps, record["loss"], record["budget"], record["train_exact_match"],
+                   rates["examples_per_sec"], rates["tokens_per_sec"], 100 * rates["mfu"],
+                   metrics_lib.format_eta(rates["eta_sec"]))
+    if float(m["nonfinite"]):
+      nonfinite_steps += 1
+      logging.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", done, nonfinite_steps)
+    if float(m["nonfinite"]) and config.train.on_nonfinite == "stop":
+      ckpt.close()
+      raise FloatingPointError(f"non-finite loss or gradient at step {done}; parameters were not "
+                               f"updated and the last complete checkpoint in {ckpt.directory} is intact")
+    if done % config.train.checkpoint_every == 0 or done == last or preemption.requested:
+      ckpt.save(done, {"params": params, "opt_state": opt_state, "step": done}, train_iter, config)
+    if preemption.requested:
+      ckpt.close()
+      logging.warning("SIGTERM: checkpoint at step %d committed; exiting with status %d",
+                      done, PREEMPTED_EXIT_CODE)
+      sys.exit(PREEMPTED_EXIT_CODE)
+  ckpt.wait()
+  if last < num_steps:
+    logging.info("stopped at step %d of %d (train.stop_at); rerun to continue", last, num_steps)
+    ckpt.close()
+    writer.close()
+    return {"stopped_at": last}
+
+  # Final evaluation at every requested budget.
+  budgets = eval_budgets(config, spec)
+  result = evaluate(graphdef, params, config, spec, budgets, mesh)
+  result["steps"] = num_steps
+  result["parameters"] = counts
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"\nExact match on {result['num_examples']} eval examples (method {spec.method}):")
+    print(format_eval_table(result), flush=True)
+  ckpt.close()
+  writer.close()
+  return result
+
+
+def _quiet_library_logs() -> None:
+  """Keeps INFO lines from our code only; libraries (Orbax, Grain) log warnings and up."""
+  def keep(record):
+    return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
+  logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv):
+  del argv
+  _quiet_library_logs()
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required")
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,125 @@
+"""Budget spaces, routing, buckets and the sampler (parcel_jax/budgets.py)."""
+
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from parcel_jax import budgets as B
+
+
+def connector_cfg(method="parcel", **kw):
+  c = dict(method=method, routing="piecewise", bank_size=0, budgets=(), query_bucket=64)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+@pytest.mark.parametrize("budget", range(16, 64, 2))
+def test_parcel_route_low_regime(budget):
+  assert B.route("parcel", budget, 16) == (16, budget - 16)
+
+
+@pytest.mark.parametrize("budget", range(64, 257, 2))
+def test_parcel_route_high_regime(budget):
+  assert B.route("parcel", budget, 16) == (64, budget - 64)
+
+
+def test_parcel_route_448px_three_regimes():
+  for b in range(16, 1025, 2):
+    expected = (16, b - 16) if b < 64 else (64, b - 64) if b < 256 else (256, b - 256)
+    assert B.route("parcel", b, 32) == expected
+
+
+@pytest.mark.parametrize("bad", [15, 17, 63, 255, 258, 0, -16, 2, 1024])
+def test_parcel_route_rejects_out_of_space(bad):
+  with pytest.raises(ValueError, match=r"method 'parcel'.*even integers 16\.\.256"):
+    B.route("parcel", bad, 16)
+
+
+@pytest.mark.parametrize("bad", [16.0, "64", None, True])
+def test_route_rejects_non_integers(bad):
+  with pytest.raises(ValueError, match="integers"):
+    B.route("parcel", bad, 16)
+
+
+def test_odd_budget_message_says_odd():
+  with pytest.raises(ValueError, match=r"\(odd\)"):
+    B.route("mqt", 33, 16)
+
+
+def test_other_methods():
+  assert B.budget_space("m3", 16) == (4, 16, 64, 256)
+  assert B.budget_space("mqt", 16) == tuple(range(2, 257, 2))
+  assert B.budget_space("none", 16) == (256,)
+  assert B.route("m3", 64, 16) == (64, 0)
+  assert B.route("mqt", 100, 16) == (0, 100)
+  with pytest.raises(ValueError, match="method 'm3'.*4, 16, 64, 256"):
+    B.route("m3", 32, 16)
+  with pytest.raises(ValueError, match="unknown"):
+    B.route("perceiver", 64, 16)
+
+
+def test_fixed_routing_ablations():
+  assert B.route("parcel", 200, 16, "fixed4x4") == (16, 184)
+  assert B.route("parcel", 20, 16, "fixed4x4") == (16, 4)
+  assert B.route("parcel", 100, 16, "fixed2x2") == (64, 36)
+  with pytest.raises(ValueError):
+    B.route("parcel", 32, 16, "fixed2x2")  # 64 anchors leave no room below 64
+
+
+def test_buckets_cover_each_budget_with_enough_slots():
+  for method in B.METHODS:
+    spec = B.BudgetSpec.from_config(connector_cfg(method), 16)
+    assert len(spec.buckets) <= 6
+    for b in spec.budgets:
+      anchors, queries = spec.route(b)
+      bucket = spec.bucket(b)
+      assert bucket.num_anchors == anchors and bucket.query_slots >= queries
+      assert spec.compact_bucket(b).num_slots == b
+
+
+def test_specialist_and_invalid_subset():
+  spec = B.BudgetSpec.from_config(connector_cfg("m3", budgets=(16,)), 16)
+  assert spec.budgets == (16,) and len(spec.buckets) == 1
+  with pytest.raises(ValueError, match="model.connector.budgets"):
+    B.BudgetSpec.from_config(connector_cfg("m3", budgets=(32,)), 16)
+
+
+def test_sampler_is_pure_and_seed_dependent():
+  spec = B.BudgetSpec.from_config(connector_cfg(), 16)
+  seq = [B.sample_budget(spec, 7, s) for s in range(200)]
+  assert seq == [B.sample_budget(spec, 7, s) for s in range(200)]
+  assert seq != [B.sample_budget(spec, 8, s) for s in range(200)]
+  assert set(seq) <= set(spec.budgets) and len(set(seq)) > 50
+
+
+def test_sampler_same_sequence_in_two_processes():
+  code = ("import ml_collections as mc; from parcel_jax import budgets as B; "
+          "s=B.BudgetSpec.from_config(mc.ConfigDict(dict(method='parcel',routing='piecewise',"
+          "bank_size=0,budgets=(),query_bucket=64)),16); "
+          "print([B.sample_budget(s, {seed}, i) for i in range(64)])")
+  runs = [subprocess.run([sys.executable, "-c", code.format(seed=seed)], check=True,
+                         capture_output=True, text=True).stdout for seed in (3, 3, 4)]
+  assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_sampler_is_roughly_uniform():
+  spec = B.BudgetSpec.from_config(connector_cfg("m3"), 16)
+  draws = np.array([B.sample_budget(spec, 0, s) for s in range(4000)])
+  freq = np.array([(draws == b).mean() for b in spec.budgets])
+  np.testing.assert_allclose(freq, 0.25, atol=0.03)
+
+
+def test_per_example_mode_stays_in_one_bucket():
+  spec = B.BudgetSpec.from_config(connector_cfg(), 16)
+  seen = set()
+  for step in range(50):
+    bucket, vec = B.sample_step(spec, 1, step, 16, mode="per_example")
+    assert vec.shape == (16,) and vec.dtype == np.int32
+    assert all(spec.bucket(int(b)) == bucket for b in vec)
+    seen.update(vec.tolist())
+  assert len(seen) > 40
+  bucket, vec = B.sample_step(spec, 1, 3, 8, mode="per_batch")
+  assert len(set(vec.tolist())) == 1 and spec.bucket(int(vec[0])) == bucket

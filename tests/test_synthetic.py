@@ -1,0 +1,204 @@
+"""Properties of the procedural VQA data and of the tokenizer's text layout."""
+
+import collections
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from parcel_jax.data import synthetic as syn
+from parcel_jax.data import tokenizer as tok_lib
+
+
+def _fresh_rng():
+  seed = np.random.SeedSequence().entropy
+  print(f'rng seed: {seed}')  # shown by pytest on failure, to reproduce
+  return np.random.default_rng(seed)
+
+
+def _examples(family, n=60, split='train', image_size=64):
+  return [syn.generate(split, i, image_size, families=(family,)) for i in range(n)]
+
+
+def _colours_in(question):
+  return [w for w in question.split() if w in syn.COLOURS]
+
+
+def test_deterministic_per_split_and_index():
+  for index in (0, 1, 12345, 10**9):
+    a, b = syn.generate('train', index), syn.generate('train', index)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert (a.question, a.answer, a.layout) == (b.question, b.answer, b.layout)
+    other = syn.generate('eval', index)
+    assert not np.array_equal(a.image, other.image)
+
+
+def test_families_roughly_uniform_and_restrictable():
+  n = 1500
+  counts = collections.Counter(syn.generate('train', i).family for i in range(n))
+  assert set(counts) == set(syn.FAMILIES)
+  expected = n / len(syn.FAMILIES)
+  for family, count in counts.items():  # binomial sd ~ 15.5; allow > 5 sd
+    assert abs(count - expected) < 80, (family, count)
+  only = {syn.generate('eval', i, families=('relation', 'mixed')).family for i in range(50)}
+  assert only == {'relation', 'mixed'}
+  with pytest.raises(ValueError, match='families'):
+    syn.generate('train', 0, families=('nope',))
+  assert syn.generate('train', 5, families=()).layout == syn.generate('train', 5).layout
+
+
+@pytest.mark.parametrize('image_size', [32, 64])
+def test_images_and_words_valid(image_size):
+  vocab = set(syn.vocabulary())
+  assert len(vocab) == len(syn.vocabulary())
+  for i in range(300):
+    ex = syn.generate('eval', i, image_size)
+    assert ex.image.shape == (image_size, image_size, 3) and ex.image.dtype == np.float32
+    assert ex.image.min() >= -1.0 and ex.image.max() <= 1.0
+    assert ex.answer in syn.answers(ex.family)
+    assert set(ex.question.split()) | set(ex.answer.split()) <= vocab
+    words = len(ex.question.split()), len(ex.answer.split())
+    assert words[0] <= syn.MAX_QUESTION_WORDS and words[1] <= syn.MAX_ANSWER_WORDS
+    slots = [(it.row, it.col) for it in ex.layout.items]
+    assert len(set(slots)) == len(slots) and all(0 <= r < 8 and 0 <= c < 8 for r, c in slots)
+    np.testing.assert_array_equal(ex.image, syn.render(ex.layout, image_size))
+
+
+def _block_means(image, block):
+  """(S, S, 3) -> (S/block, S/block, 3) mean colour of each aligned block, in float64."""
+  s = image.shape[0] // block
+  return image.astype(np.float64).reshape(s, block, s, block, 3).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize('image_size', [48, 64])
+def test_glyph_class_never_changes_pooled_means(image_size):
+  rng = _fresh_rng()
+  indices = rng.choice(10**8, size=24, replace=False)
+  for index in indices:
+    ex = syn.generate('train', int(index), image_size, families=('detail', 'mixed'))
+    glyphs = [k for k, it in enumerate(ex.layout.items) if it.kind == 'glyph']
+    assert glyphs
+    items = list(ex.layout.items)
+    for k in glyphs:  # a different class and a random phase for every glyph
+      others = [g for g in syn.GLYPHS if g != items[k].label]
+      items[k] = dataclasses.replace(items[k], label=str(rng.choice(others)),
+                                     polarity=int(rng.choice([-1, 1])))
+    swapped = syn.render(dataclasses.replace(ex.layout, items=tuple(items)), image_size)
+    blank = syn.render(dataclasses.replace(
+        ex.layout, items=tuple(it for it in items if it.kind != 'glyph')), image_size)
+    assert not np.array_equal(swapped, ex.image)
+    for block in (image_size // 4, image_size // 8):  # 4x4-patch and 2x2-patch blocks
+      np.testing.assert_allclose(_block_means(swapped, block), _block_means(ex.image, block),
+                                 rtol=0, atol=1e-6)
+      np.testing.assert_allclose(_block_means(blank, block), _block_means(ex.image, block),
+                                 rtol=0, atol=1e-6)
+
+
+def test_glyphs_balanced_and_distinct_per_patch():
+  for name, s in itertools.product(syn.GLYPHS, range(2, 34, 2)):
+    pattern = syn.glyph_pattern(name, s)
+    assert (pattern == 1).sum() == (pattern == -1).sum() == s * s // 2, (name, s)
+  # At 64 px a patch is 4 px: no 4x4 patch (either phase) is shared by two classes.
+  def patches(name):
+    p = syn.glyph_pattern(name, 8)
+    return {(sign * p[i:i + 4, j:j + 4]).tobytes()
+            for i in (0, 4) for j in (0, 4) for sign in (1, -1)}
+  for a, b in itertools.combinations(syn.GLYPHS, 2):
+    assert not patches(a) & patches(b), (a, b)
+
+
+def test_grounding_answer_is_target_cell():
+  for ex in _examples('grounding'):
+    (colour,) = _colours_in(ex.question)
+    (target,) = [it for it in ex.layout.items if it.label == colour]
+    assert 2 <= len(ex.layout.items) <= 4
+    assert ex.answer == f'row{target.cell[0] + 1} col{target.cell[1] + 1}'
+
+
+def test_relation_answer_matches_positions():
+  for ex in _examples('relation', n=120):
+    subject_colour, reference_colour = _colours_in(ex.question)
+    by_colour = {it.label: it for it in ex.layout.items}
+    assert len(by_colour) == 2
+    subject, reference = by_colour[subject_colour], by_colour[reference_colour]
+    dr, dc = subject.row - reference.row, subject.col - reference.col
+    # Unambiguous: >= 2 slots (a different cell) on one axis, <= 1 on the other.
+    expected = {'left': dc <= -2 and abs(dr) <= 1, 'right': dc >= 2 and abs(dr) <= 1,
+                'above': dr <= -2 and abs(dc) <= 1, 'below': dr >= 2 and abs(dc) <= 1}
+    assert [k for k, v in expected.items() if v] == [ex.answer]
+    assert subject.cell != reference.cell
+
+
+def test_counting_answer_equals_target_count():
+  seen = set()
+  for ex in _examples('counting', n=120):
+    (colour,) = _colours_in(ex.question)
+    count = sum(it.kind == 'square' and it.label == colour for it in ex.layout.items)
+    assert ex.answer == syn.COUNT_WORDS[count - 1]
+    seen.add(count)
+  assert seen == {1, 2, 3, 4}
+
+
+def test_detail_and_mixed_answers_name_the_glyph():
+  for ex in _examples('detail'):
+    (glyph,) = [it for it in ex.layout.items if it.kind == 'glyph']
+    assert ex.answer == glyph.label
+  for ex in _examples('mixed'):
+    glyphs = [it for it in ex.layout.items if it.kind == 'glyph']
+    assert 2 <= len(glyphs) <= 4 and len(glyphs) == len(ex.layout.items)
+    assert len({g.cell for g in glyphs}) == len({g.label for g in glyphs}) == len(glyphs)
+    row, col = (int(w[3:]) - 1 for w in ex.question.split()[-2:])
+    (asked,) = [g for g in glyphs if g.cell == (row, col)]
+    assert ex.answer == asked.label
+
+
+def test_source_is_random_access():
+  src = syn.SyntheticSource('eval', 10, image_size=32, families=('counting',))
+  assert len(src) == 10 and 'eval' in repr(src)
+  record = src[3]
+  ex = syn.generate('eval', 3, 32, families=('counting',))
+  np.testing.assert_array_equal(record['image'], ex.image)
+  assert record['answer'] == ex.answer
+  assert record['family'] == syn.FAMILIES.index('counting')
+  with pytest.raises(IndexError):
+    src[10]
+
+
+# --- tokenizer ---------------------------------------------------------------
+
+
+def test_tokenizer_round_trip():
+  tok = tok_lib.synthetic_tokenizer()
+  assert tok.vocab_size == 5 + len(syn.vocabulary())
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.sep_id) == (0, 1, 2, 3)
+  for i in range(100):
+    ex = syn.generate('train', i)
+    text = f'{ex.question} {ex.answer}'
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.encode('what zebra') == [tok.encode('what')[0], 4]
+  assert tok.decode([1, *tok.encode('how many'), 2, *tok.encode('red')]) == 'how many'
+
+
+def test_encode_example_layout():
+  tok = tok_lib.WordTokenizer(['a', 'b', 'c'])  # ids 5, 6, 7
+  out = tok_lib.encode_example(tok, 'a b', 'c a', max_len=9)
+  #                              BOS a  b  SEP c  a  EOS PAD PAD
+  np.testing.assert_array_equal(out['text'], [1, 5, 6, 3, 7, 5, 2, 0, 0])
+  np.testing.assert_array_equal(out['targets'], [5, 6, 3, 7, 5, 2, 0, 0, 0])
+  np.testing.assert_array_equal(out['text_mask'], [1, 1, 1, 1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(out['ar_mask'], [0, 0, 0, 0, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(out['loss_mask'], [0, 0, 0, 1, 1, 1, 0, 0, 0])
+  assert out['text'].dtype == out['targets'].dtype == np.int32
+  assert all(out[k].dtype == bool for k in ('text_mask', 'ar_mask', 'loss_mask'))
+  exact = tok_lib.encode_example(tok, 'a b', 'c a', max_len=7)  # no padding needed
+  assert exact['text_mask'].all() and exact['targets'][-1] == 0
+  with pytest.raises(ValueError, match='7 tokens.*max_len is 6'):
+    tok_lib.encode_example(tok, 'a b', 'c a', max_len=6)
+
+
+def test_longest_synthetic_example_fits_bound():
+  tok = tok_lib.synthetic_tokenizer()
+  lengths = [int(tok_lib.encode_example(tok, e.question, e.answer, 32)['text_mask'].sum())
+             for e in (syn.generate('train', i) for i in range(300))]
+  assert max(lengths) <= syn.max_text_tokens()

@@ -1,0 +1,133 @@
+"""SigLIP-style ViT: shapes, the So400m parameter count, conv equivalence, scan/remat."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from parcel_jax.models import layers, vit
+
+
+def assert_rel_close(actual, desired, tol=1e-5):
+  """max |actual - desired| <= tol * max |desired| over the whole tree (max-norm relative
+  error; per-leaf scaling would divide by gradients that are zero in exact arithmetic,
+  e.g. of key biases, which softmax is invariant to)."""
+  chex.assert_trees_all_equal_shapes(actual, desired)
+  err = max(float(jnp.max(jnp.abs(a - d))) for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired)))
+  scale = max(float(jnp.max(jnp.abs(d))) for d in jax.tree.leaves(desired))
+  assert err <= tol * scale, f"max abs err {err:.3g} > {tol} x max |ref| {scale:.3g}"
+
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@nnx.jit
+def _apply(model, images):
+  return model(images)
+
+
+def siglip_param_count(cfg: vit.ViTConfig) -> int:
+  """Closed form: patch conv + position table + blocks + final LayerNorm (no MAP head)."""
+  d, p, n = cfg.width, cfg.patch_size, cfg.grid_size ** 2
+  block = (2 * 2 * d              # two LayerNorms (scale, bias)
+           + 4 * (d * d + d)      # q, k, v, out projections with biases
+           + 2 * d * cfg.mlp_dim + cfg.mlp_dim + d)  # MLP with biases
+  return (p * p * 3 * d + d) + n * d + cfg.depth * block + 2 * d
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_so400m_param_count(scan):
+  cfg = vit.vit_config("So400m/14", scan=scan)
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  count = layers.num_params(nnx.state(model, nnx.Param))
+  print(f"SigLIP So400m/14 @224 vision tower: {count:,} parameters")
+  assert cfg.grid_size == 16
+  assert count == siglip_param_count(cfg) == 412_442_352
+
+
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
+def test_shapes_and_finite(posemb):
+  cfg = vit.vit_config("tiny", posemb=posemb)
+  model = vit.ViT(cfg, rngs=nnx.Rngs(0))
+  images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-1, maxval=1)
+  out = _apply(model, images)
+  chex.assert_shape(out, (2, 16, 16, cfg.width))
+  chex.assert_tree_all_finite(out)
+  # Final LayerNorm (scale 1, bias 0 at init): per-token zero mean, unit variance.
+  np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(out.var(-1), 1.0, atol=1e-3)
+  has_table = "posemb" in _params(model)
+  assert has_table == (posemb == "learn")
+
+
+def test_bad_image_shape_names_expected_shape():
+  model = vit.ViT(vit.vit_config("tiny"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\(batch, 64, 64, 3\)"):
+    model(jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(image_size=65), "image_size"),
+    (dict(num_heads=3), "width"),
+    (dict(posemb="rope"), "posemb"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(depth=0), "depth"),
+])
+def test_config_validation(overrides, field):
+  with pytest.raises(ValueError, match=field):
+    vit.vit_config("tiny", **overrides)
+
+
+def test_patch_embedding_is_strided_conv():
+  cfg = vit.vit_config("tiny", posemb="sincos2d")
+  model = vit.ViT(cfg, rngs=nnx.Rngs(3))
+  images = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
+  got = model.embed_patches(images) - layers.sincos_2d(cfg.grid_size, cfg.width)
+  conv = jax.lax.conv_general_dilated(
+      images, model.patch_kernel[...], (cfg.patch_size,) * 2, "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + model.patch_bias[...]
+  np.testing.assert_allclose(got, conv.reshape(2, -1, cfg.width), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_and_remat_match_unrolled():
+  base_cfg = vit.vit_config("tiny", depth=3, image_size=32)
+  base = vit.ViT(base_cfg, rngs=nnx.Rngs(0))
+  ref_params = _params(base)
+  images = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+  probe = jax.random.normal(jax.random.key(6), (2, 8, 8, base_cfg.width))
+
+  def out_and_grads(cfg, params):
+    # Structure only (no eager initialisation); all variables are Params.
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(1))))
+    nnx.replace_by_pure_dict(state, params)
+
+    @jax.jit
+    def f(state):
+      return jnp.sum(nnx.merge(graphdef, state)(images) * probe)
+    loss, grads = jax.value_and_grad(f)(state)
+    return loss, nnx.to_pure_dict(grads)
+
+  ref_loss, ref_grads = out_and_grads(base_cfg, ref_params)
+  for scan, remat in [(True, "full")]:  # remat never changes values; scan + remat covers both
+    cfg = dataclasses.replace(base_cfg, scan=scan, remat=remat)
+    params = vit.to_scanned(ref_params, cfg) if scan else ref_params
+    loss, grads = out_and_grads(cfg, params)
+    if scan:
+      grads = vit.from_scanned(grads, cfg)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert_rel_close(grads, ref_grads)
+
+
+def test_bfloat16_compute_close_to_float32():
+  images = jax.random.uniform(jax.random.key(7), (1, 64, 64, 3), minval=-1, maxval=1)
+  ref = _apply(vit.ViT(vit.vit_config("tiny"), rngs=nnx.Rngs(0)), images)
+  model = vit.ViT(vit.vit_config("tiny", dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+  out = _apply(model, images)
+  assert out.dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.1)
