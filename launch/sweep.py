@@ -1,0 +1,327 @@
+r"""Expands a grid of ml_collections overrides into training runs.
+
+    python launch/sweep.py --config=configs/base.py --workdir_root=workdirs/sweep \
+        --grid 'model.connector.method=parcel,m3,mqt,none' --grid 'seed=0,1,2' \
+        [--set train.num_steps=2000] [--preset=reproduction] [--dry-run] \
+        [--launcher=local|tpu_pod|slurm] [--launcher_args='--tpu=pod --zone=z']
+
+Runs are (preset variants) x (cartesian product of the grids), each with the --set
+overrides; a run's workdir is WORKDIR_ROOT/<swept key=value,...>, e.g.
+``method=parcel,seed=1``. Every key is checked against the config (and every run's
+overrides parsed by ml_collections, as train would) before anything is launched; an
+unknown key or a bad value exits with status 2.
+
+Grid values are separated by commas, or by ``|`` when any is present; a tuple-valued
+field (e.g. ``model.connector.budgets``) only splits on ``|``, so its values keep their
+commas: ``--grid 'model.connector.budgets=16,|64,'``.
+
+Launchers: ``local`` runs the commands one after another and skips runs whose workdir
+already holds ``eval.json`` (rerunning an interrupted sweep resumes it; train itself
+resumes a half-finished run from its checkpoint); ``slurm`` submits one
+``launch/slurm.sbatch`` job per run (same skip, for a workdir visible from here);
+``tpu_pod`` runs ``launch/tpu_pod.sh`` per run, one after another (no skip: the workdir
+is usually on GCS; train resumes or re-evaluates). ``--dry-run`` prints one shell command
+per line instead, for the runs that would be launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import itertools
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+# Presets are data: `variants` (each a dict of overrides) x product of `grid` (key ->
+# values), plus `set` on every run. Values are written as on the command line.
+PRESETS = {
+    "reproduction": {
+        "help": "paper table: PARCEL, M3, MQT, no connector, and M3 pooling specialists "
+                "at 16 and 64 tokens, 3 seeds each (18 runs)",
+        "variants": [
+            {"model.connector.method": "parcel"},
+            {"model.connector.method": "m3"},
+            {"model.connector.method": "mqt"},
+            {"model.connector.method": "none"},
+            {"model.connector.method": "m3", "model.connector.budgets": "16,"},
+            {"model.connector.method": "m3", "model.connector.budgets": "64,"},
+        ],
+        "grid": {"seed": ["0", "1", "2"]},
+        "set": {},
+    },
+    "ablations": {
+        "help": "PARCEL routing and conditioning ablations, 3 seeds each (12 runs)",
+        "variants": [
+            {"model.connector.routing": "fixed4x4"},
+            {"model.connector.routing": "fixed2x2"},
+            {"model.connector.conditioning": "none"},
+            {"model.connector.conditioning": "dual_cross"},
+        ],
+        "grid": {"seed": ["0", "1", "2"]},
+        "set": {"model.connector.method": "parcel"},
+    },
+}
+
+LAUNCHERS = ("local", "tpu_pod", "slurm")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DONE_FILE = "eval.json"
+
+
+class SweepError(Exception):
+  """A problem with the sweep's arguments; reported with exit status 2."""
+
+
+# ------------------------------------------------------------------------ config
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads ``spec`` (``path[:arg]``) and applies ``--config.k=v`` flags, exactly as train does."""
+  argv = ["sweep", f"--config={spec}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out += leaf_paths(v, f"{prefix}{k}.")
+    else:
+      out.append(prefix + k)
+  return out
+
+
+def field_value(config: ml_collections.ConfigDict, key: str, origin: str):
+  """The config's value at dotted ``key``; SweepError naming the key when it is not a field."""
+  node = config
+  parts = key.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      close = difflib.get_close_matches(key, leaf_paths(config), n=1, cutoff=0.8)
+      hint = f"; did you mean {' or '.join(close)}?" if close else ""
+      raise SweepError(f"unknown config key '{key}' (in {origin}){hint}")
+    node = node[part]
+  if isinstance(node, ml_collections.ConfigDict):
+    raise SweepError(f"config key '{key}' (in {origin}) is a section, not a field; "
+                     f"override its fields, e.g. {(leaf_paths(node, key + '.') or ['...'])[0]}")
+  return node
+
+
+# ------------------------------------------------------------------------- runs
+
+def parse_assignment(text: str, origin: str) -> tuple[str, str]:
+  key, sep, value = text.partition("=")
+  key = key.strip()
+  if key.startswith("config."):
+    key = key[len("config."):]
+  if not sep or not key:
+    raise SweepError(f"{origin} {text!r} is not KEY=VALUE")
+  return key, value
+
+
+def split_values(key: str, text: str, is_tuple: bool) -> list[str]:
+  if "|" in text:
+    values = text.split("|")
+  elif is_tuple:
+    values = [text]
+  else:
+    values = text.split(",")
+  if any(v == "" for v in values):
+    raise SweepError(f"--grid {key}={text!r} has an empty value")
+  return values
+
+
+def sanitize(value: str) -> str:
+  """A value as it appears in a workdir name: ``16,`` -> ``16``, ``(16, 64)`` -> ``16-64``."""
+  v = value.strip()
+  if len(v) >= 2 and v[0] in "([" and v[-1] in ")]":
+    v = v[1:-1]
+  v = v.strip().rstrip(",")
+  v = re.sub(r"\s*,\s*", "-", v)
+  v = re.sub(r"[^A-Za-z0-9._+-]", "_", v)
+  return v or "empty"
+
+
+def short_labels(keys: Sequence[str]) -> dict[str, str]:
+  """Shortest dotted suffix of each key that no other swept key shares."""
+  labels = {}
+  for key in keys:
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+      label = ".".join(parts[-n:])
+      if not any(o != key and (o == label or o.endswith("." + label)) for o in keys):
+        break
+    labels[key] = label
+  return labels
+
+
+def expand(preset: dict | None, grid: dict[str, list[str]], fixed: dict[str, str]):
+  """Returns [(name, {key: value})] in a deterministic order."""
+  variants = list(preset["variants"]) if preset else [{}]
+  full_grid = dict(preset["grid"]) if preset else {}
+  full_grid.update(grid)
+  base = dict(preset.get("set", {})) if preset else {}
+  base.update(fixed)
+
+  swept = []
+  for v in variants:
+    swept += [k for k in v if k not in swept]
+  swept += [k for k in full_grid if k not in swept]
+  for key in base:
+    if key in swept:
+      raise SweepError(f"config key '{key}' is both swept and set to one value (--set)")
+  labels = short_labels(swept)
+
+  runs = []
+  for variant in variants:
+    for combo in itertools.product(*full_grid.values()):
+      point = {**variant, **dict(zip(full_grid, combo))}
+      name = ",".join(f"{labels[k]}={sanitize(point[k])}" for k in swept if k in point) or "run"
+      runs.append((name, {**base, **point}))
+  names = [n for n, _ in runs]
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise SweepError(f"runs share a workdir name: {', '.join(dupes)} (repeated grid values?)")
+  return runs
+
+
+# --------------------------------------------------------------------- commands
+
+def _rel(path: str) -> str:
+  rel = os.path.relpath(path)
+  return path if rel.startswith("..") else rel
+
+
+def command(launcher: str, args, name: str, overrides: dict[str, str]) -> list[str]:
+  workdir = f"{args.workdir_root.rstrip('/')}/{name}"
+  flags_ = [f"--config.{k}={v}" for k, v in overrides.items()]
+  extra = shlex.split(args.launcher_args)
+  if launcher == "local":
+    return [*shlex.split(args.python), "-m", "parcel_jax.train", f"--config={args.config}",
+            f"--workdir={workdir}", *flags_]
+  if launcher == "tpu_pod":
+    return ["bash", _rel(os.path.join(HERE, "tpu_pod.sh")), *extra, f"--config={args.config}",
+            f"--workdir={workdir}", "--", *flags_]
+  if launcher == "slurm":
+    env = [f"CONFIG={args.config}", f"WORKDIR={workdir}"]
+    if args.python != "python":
+      env.append(f"PYTHON={args.python}")
+    return ["env", *env, "sbatch", f"--job-name=parcel:{name}", *extra,
+            _rel(os.path.join(HERE, "slurm.sbatch")), *flags_]
+  raise ValueError(launcher)
+
+
+def finished(launcher: str, workdir: str) -> bool:
+  return launcher in ("local", "slurm") and os.path.exists(os.path.join(workdir, DONE_FILE))
+
+
+# --------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="sweep.py", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="presets:\n" + "\n".join(f"  {k}: {v['help']}" for k, v in PRESETS.items()))
+  p.add_argument("--config", default="configs/base.py", help="config spec, path[:arg]")
+  p.add_argument("--workdir_root", "--workdir-root", required=True,
+                 help="parent of the runs' workdirs (local path or gs://)")
+  p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                 help="sweep KEY over values (repeatable; product over all grids)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override on every run (repeatable)")
+  p.add_argument("--preset", choices=sorted(PRESETS), help="named sweep, see below")
+  p.add_argument("--launcher", choices=LAUNCHERS, default="local")
+  p.add_argument("--launcher_args", "--launcher-args", default="",
+                 help="extra arguments for tpu_pod.sh (e.g. '--tpu=pod --zone=z') or sbatch")
+  p.add_argument("--python", default="python",
+                 help="interpreter command for local runs (and PYTHON for slurm)")
+  p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                 help="print the commands, one per line, instead of running them")
+  return p
+
+
+def plan(args) -> list[tuple[str, list[str], str]]:
+  """Validates everything and returns [(name, command, workdir)]."""
+  try:
+    base = load_config(args.config)
+  except Exception as e:  # noqa: BLE001 -- any load failure is a usage error here
+    raise SweepError(f"cannot load --config={args.config}: {e}") from e
+
+  grid: dict[str, list[str]] = {}
+  for text in args.grid:
+    key, values = parse_assignment(text, "--grid")
+    is_tuple = isinstance(field_value(base, key, f"--grid {text}"), tuple)
+    grid[key] = split_values(key, values, is_tuple)
+  fixed = {}
+  for text in args.set:
+    key, value = parse_assignment(text, "--set")
+    field_value(base, key, f"--set {text}")
+    fixed[key] = value
+  preset = PRESETS[args.preset] if args.preset else None
+  if preset:
+    for part in (*preset["variants"], preset["grid"], preset.get("set", {})):
+      for key in part:
+        field_value(base, key, f"preset {args.preset}")
+
+  out = []
+  for name, overrides in expand(preset, grid, fixed):
+    cmd_flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    try:
+      load_config(args.config, cmd_flags)
+    except Exception as e:  # noqa: BLE001
+      raise SweepError(f"run {name}: {e}") from e
+    workdir = f"{args.workdir_root.rstrip('/')}/{name}"
+    out.append((name, command(args.launcher, args, name, overrides), workdir))
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    runs = plan(args)
+  except SweepError as e:
+    print(f"sweep.py: error: {e}", file=sys.stderr)
+    return 2
+
+  todo = []
+  for name, cmd, workdir in runs:
+    if finished(args.launcher, workdir):
+      print(f"# skip {name}: {os.path.join(workdir, DONE_FILE)} exists", file=sys.stderr)
+    else:
+      todo.append((name, cmd))
+  if args.dry_run:
+    try:
+      for _, cmd in todo:
+        print(shlex.join(cmd))
+      sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+  print(f"# {len(todo)} of {len(runs)} runs to launch ({args.launcher})", file=sys.stderr)
+  for i, (name, cmd) in enumerate(todo, 1):
+    print(f"# [{i}/{len(todo)}] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+      rc = subprocess.run(cmd, check=False).returncode
+    except FileNotFoundError as e:
+      print(f"sweep.py: error: cannot run {cmd[0]!r}: {e}", file=sys.stderr)
+      return 2
+    if rc:
+      print(f"sweep.py: run {name} exited with status {rc}; stopping "
+            "(rerun the same command to resume)", file=sys.stderr)
+      return rc
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

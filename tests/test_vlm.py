@@ -1,0 +1,96 @@
+"""The assembled VLM: masked (bucketed) == compact forward, and the paper-size model."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from parcel_jax import budgets as B
+from parcel_jax.models import connectors, gemma, vit, vlm
+from tests.util import assert_rel_close
+
+GRID = 16
+
+
+def tiny_model_config(method, **connector_kw):
+  vision = vit.ViTConfig(image_size=32, patch_size=2, width=32, depth=1, mlp_dim=64, num_heads=2)
+  connector = connectors.ConnectorConfig(method=method, width=32, grid_size=GRID, num_heads=2,
+                                         mlp_dim=64, **connector_kw)
+  decoder = gemma.DecoderConfig(vocab_size=50, width=32, depth=2, mlp_dim=64, num_heads=2,
+                                num_kv_heads=1, head_dim=16, post_norms=True, attn_softcap=50.0,
+                                final_softcap=30.0, sliding_window=40, local_global=True)
+  return vlm.ModelConfig(vision, connector, decoder)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _logits(graphdef, params, features, text, text_mask, budgets, bucket):
+  ar = jnp.arange(text.shape[1])[None] >= 5  # 5 prefix tokens, then a causal suffix
+  return nnx.merge(graphdef, params).text_logits(
+      features, text, text_mask, jnp.broadcast_to(ar, text.shape), bucket=bucket, budgets=budgets)
+
+
+def random_inputs(rng, batch=2, length=9):
+  images = jnp.asarray(rng.uniform(-1, 1, size=(batch, 32, 32, 3)), jnp.float32)
+  text = jnp.asarray(rng.integers(5, 50, size=(batch, length)), jnp.int32)
+  text_mask = jnp.asarray(np.arange(length)[None] < rng.integers(7, length + 1, size=(batch, 1)))
+  return images, text, text_mask
+
+
+@pytest.mark.parametrize("method", ["parcel", "m3", "mqt", "none"])
+def test_bucketed_forward_equals_compact(method):
+  rng = np.random.default_rng()
+  cfg = tiny_model_config(method)
+  model = vlm.VLM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  graphdef, params = nnx.split(model)
+  spec = B.BudgetSpec.from_config(ml_collections.ConfigDict(dict(
+      method=method, routing="piecewise", bank_size=0, budgets=(), query_bucket=64)), GRID)
+  images, text, text_mask = random_inputs(rng)
+  features = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))(params, images)
+  edges = [b for b in (16, 62, 64, 256) if b in spec.budgets]
+  others = [int(b) for b in rng.choice(spec.budgets, size=min(3, len(spec.budgets)), replace=False)]
+  for budget in sorted(set(edges + others)):
+    vec = jnp.full((2,), budget, jnp.int32)
+    bucketed = _logits(graphdef, params, features, text, text_mask, vec, spec.bucket(budget))
+    compact = _logits(graphdef, params, features, text, text_mask, vec, spec.compact_bucket(budget))
+    valid = np.asarray(text_mask)
+    assert_rel_close(np.asarray(bucketed)[valid], np.asarray(compact)[valid], 1e-5)
+
+
+def test_compact_shape_and_budget_changes_logits():
+  rng = np.random.default_rng()
+  cfg = tiny_model_config("parcel")
+  model = vlm.VLM(cfg, rngs=nnx.Rngs(0))
+  images, text, text_mask = random_inputs(rng)
+  ar = jnp.zeros_like(text_mask)
+  a = model(images, text, text_mask, ar, bucket=B.Bucket(4, 0), budgets=jnp.array([16, 16]))
+  b = model(images, text, text_mask, ar, bucket=B.Bucket(8, 36), budgets=jnp.array([100, 100]))
+  assert a.shape == b.shape == (2, text.shape[1], 50)
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+
+
+def test_paper_size_parameter_counts():
+  """So400m/14 + gemma2_2b + PARCEL connector, built abstractly (no allocation)."""
+  vision = vit.vit_config("So400m/14")
+  decoder = gemma.decoder_config("gemma2_2b")
+  connector = connectors.ConnectorConfig(method="parcel", width=1152, grid_size=16,
+                                         num_heads=12, mlp_dim=4304)
+  cfg = vlm.ModelConfig(vision, connector, decoder)
+  model = nnx.eval_shape(lambda: vlm.VLM(cfg, rngs=nnx.Rngs(0)))
+  counts = vlm.parameter_counts(model)
+  print("\nPaliGemma-2 3B + PARCEL parameter counts:", {k: f"{v:,}" for k, v in counts.items()})
+  # Closed forms from the architecture.
+  d, m, L, p = 1152, 4304, 27, 14
+  vit_count = (p * p * 3 * d + d) + 256 * d + L * (4 * (d * d + d) + 2 * d * m + m + d + 4 * d) + 2 * d
+  D, M, H, K, hd, V, Ld = 2304, 9216, 8, 4, 256, 257152, 26
+  dec_count = V * D + Ld * (D * H * hd * 2 + D * K * hd * 2 + 3 * D * M + 4 * D) + D
+  attn = 4 * (d * d + d) + 4 * d          # projections + 2 LayerNorms (query, context)
+  conn_count = 192 * d + 2 * attn + (2 * d * m + m + d) + 2 * d + 2 * d
+  assert counts["vision"] == vit_count == 412_442_352
+  assert counts["decoder"] == dec_count == 2_616_996_096
+  assert counts["projection"] == d * D + D
+  assert counts["connector"] == conn_count
+  assert counts["total"] == vit_count + dec_count + d * D + D + conn_count
