@@ -114,6 +114,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.on_nonfinite = "skip"      # skip (no update, counted) | stop
   c.train.stop_at = 0                # end this process after this step (checkpointed; the
                                      # schedule still spans num_steps); 0 = run to num_steps
+  c.train.compilation_cache_dir = ""  # JAX persistent compilation cache directory (reused across
+                                     # runs and restarts); "" = off
 
   # ----------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()
@@ -124,4 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ----------------------------------------------------------------- mesh
   c.mesh = ml_collections.ConfigDict()              # parcel_jax/sharding.py
   c.mesh.shape = (-1, 1, 1)          # (data, fsdp, tensor); -1 = the remaining devices
+  c.mesh.rules = ()                  # ((logical_name, mesh_axis), ...) replacing entries of
+                                     # sharding.DEFAULT_RULES; mesh_axis: "data" | "fsdp" | "tensor",
+                                     # a tuple of them, or "" = replicated; () = the defaults
   return c

@@ -12,8 +12,6 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from parcel_jax.flops import compiled_flops
-
 
 def peak_flops(size: int = 1024, repeats: int = 5) -> float:
   """Achieved FLOP/s of a large jitted float32 matmul on this device: the MFU denominator."""

@@ -1,16 +1,21 @@
-"""Device mesh and the logical-axis -> mesh-axis rules (one place for sharding).
+"""Device mesh, logical-axis -> mesh-axis rules, and multi-host start-up (one place for sharding).
 
-Parameters carry logical axis names (see ``models/layers.py``); ``config.mesh.rules``
-maps each to a mesh axis (or None = replicated), MaxText style. A dimension is
-only sharded when the mesh axis size divides it, so tiny models run on any mesh.
+Parameters carry logical axis names (see ``models/layers.py``); a rules table maps
+each to a mesh axis, a tuple of mesh axes, or None (= replicated), MaxText style.
+``config.mesh.rules`` overrides entries of ``DEFAULT_RULES``. A dimension is only
+sharded when the mesh axes' size divides it, so tiny models run on any mesh.
+
+Multi-host: ``initialize_distributed`` wraps ``jax.distributed.initialize``; it is
+called from ``train.main()`` only, never at import (Grain workers re-import modules).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -20,19 +25,23 @@ BATCH_AXES = ("data", "fsdp")
 # FSDP shards the model dimension of every matrix over 'fsdp'; tensor parallelism
 # splits heads / MLP hidden / vocabulary over 'tensor'.
 DEFAULT_RULES = (
-    ("embed", "fsdp"),
-    ("llm_embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
+    ("embed", "fsdp"),       # model width (ViT, connector, decoder)
+    ("llm_embed", "fsdp"),   # decoder width on the vision -> LLM projection
+    ("mlp", "tensor"),       # MLP hidden
+    ("heads", "tensor"),     # attention query heads
+    ("kv_heads", "tensor"),  # attention key/value heads
+    ("vocab", "tensor"),     # decoder embedding rows (tied output layer)
     ("head_dim", None),
-    ("queries", None),
-    ("tokens", None),
-    ("norm", None),
-    ("layers", None),
+    ("queries", None),       # connector query bank
+    ("tokens", None),        # learned position embeddings
+    ("norm", None),          # norm scales and biases
+    ("layers", None),        # stacked (scanned) layer axis: never sharded
 )
 
+Rules = Sequence[tuple[str, Any]]
+
+
+# ------------------------------------------------------------------- mesh
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Resolves one -1 entry to "the remaining devices" and checks the product."""
@@ -53,29 +62,76 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axes over ``devices`` (default: all, every process)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(shape, len(devices))
   return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh, rules) -> P:
-  """PartitionSpec for one array from its logical axis names."""
+def batch_shards(mesh) -> int:
+  """Number of ways the batch dimension is split (data x fsdp)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+# ------------------------------------------------------------------ rules
+
+def _axes(axis) -> tuple[str, ...]:
+  """A rule's target as a tuple of mesh axes: None/'' -> (), 'fsdp' -> ('fsdp',)."""
+  if axis is None or axis == "":
+    return ()
+  if isinstance(axis, str):
+    return (axis,)
+  return tuple(axis)
+
+
+def rules_from_config(mesh_cfg) -> tuple[tuple[str, Any], ...]:
+  """``DEFAULT_RULES`` with ``mesh_cfg.rules`` entries replacing those of the same name.
+
+  Each entry of ``mesh.rules`` is ``(logical_name, target)`` with target a mesh axis
+  name, a tuple of them (e.g. ``('data', 'fsdp')`` for ZeRO-3 over both), or ''/None
+  for replicated. Errors name the field, the entry and the allowed values.
+  """
+  overrides = mesh_cfg.get("rules", ()) if mesh_cfg is not None else ()
+  table = dict(DEFAULT_RULES)
+  for entry in overrides or ():
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+      raise ValueError(f"mesh.rules entry {entry!r} must be a (logical_name, mesh_axis) pair")
+    name, axis = entry
+    if name not in table:
+      raise ValueError(f"mesh.rules entry {tuple(entry)!r}: logical name {name!r} is unknown; "
+                       f"allowed: {', '.join(table)}")
+    bad = [a for a in _axes(axis) if a not in MESH_AXES]
+    if bad or len(set(_axes(axis))) != len(_axes(axis)):
+      raise ValueError(f"mesh.rules entry {tuple(entry)!r}: mesh axis {axis!r} is invalid; allowed: "
+                       f"'' (replicated), one of {MESH_AXES} or a tuple of distinct ones")
+    table[name] = None if not _axes(axis) else (axis if isinstance(axis, str) else tuple(axis))
+  return tuple(table.items())
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh,
+                    rules: Rules | None = None) -> P:
+  """PartitionSpec for one array from its logical axis names.
+
+  A dimension stays unsharded when its rule is None, when a mesh axis it maps to is
+  already used by an earlier dimension, or when the axes' total size does not divide it.
+  """
   if not names:
     return P()
-  table = dict(rules)
+  table = dict(DEFAULT_RULES if rules is None else rules)
   used, spec = set(), []
   for name, dim in zip(names, shape):
-    axis = table.get(name)
-    if axis is None or axis in used or dim % mesh.shape[axis]:
+    axes = _axes(table.get(name))
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if not axes or used & set(axes) or dim % size:
       spec.append(None)
     else:
-      spec.append(axis)
-      used.add(axis)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+      used.update(axes)
   return P(*spec)
 
 
-def param_shardings(abstract_state: nnx.State, mesh, rules=DEFAULT_RULES):
+def param_shardings(abstract_state: nnx.State, mesh, rules: Rules | None = None):
   """NamedShardings (pure-dict tree) for an abstract ``nnx.State`` with logical names."""
   def one(var):
     names = var.get_metadata().get("out_sharding")
@@ -84,9 +140,87 @@ def param_shardings(abstract_state: nnx.State, mesh, rules=DEFAULT_RULES):
   return nnx.to_pure_dict(tree)
 
 
+def _path_keys(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def optimizer_shardings(opt_state_shapes, params_shapes, params_shardings, mesh):
+  """Shardings for an optimizer state (``jax.eval_shape(tx.init, params)``).
+
+  Every state leaf that mirrors a parameter (Adam's mu/nu, inside any chain or
+  partition) gets that parameter's sharding: its key path ends with the parameter's
+  path and the shapes agree. Everything else (step counts, scalars) is replicated.
+  ``optax.tree_map_params`` cannot do this across ``optax.partition``'s masked states.
+  """
+  table = {}
+  for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(params_shapes),
+                                     jax.tree.leaves(params_shardings)):
+    table[_path_keys(path)] = (tuple(shape.shape), sharding)
+  rep = replicated(mesh)
+
+  def one(path, leaf):
+    keys = _path_keys(path)
+    for start in range(len(keys)):
+      hit = table.get(keys[start:])
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
+    return rep
+  return jax.tree_util.tree_map_with_path(one, opt_state_shapes)
+
+
+def tree_shardings(tree):
+  """The ``.sharding`` of every array of a pytree."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def constrain_batch(x, mesh, axis: int = 0):
+  """``with_sharding_constraint``: dimension ``axis`` of ``x`` split over (data, fsdp),
+  the rest replicated; a no-op when the batch shards do not divide that dimension."""
+  if mesh is None or x.ndim <= axis or x.shape[axis] % batch_shards(mesh):
+    return x
+  spec = [None] * x.ndim
+  spec[axis] = BATCH_AXES
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+# -------------------------------------------------------------- multi-host
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None, *, auto: bool = False) -> bool:
+  """Starts JAX's multi-controller runtime; returns whether it was started.
+
+  Explicit: all three of ``coordinator_address`` ('host:port' of process 0),
+  ``num_processes`` and ``process_id``. ``auto=True``: ``jax.distributed.initialize()``
+  detects the cluster (Cloud TPU pod, SLURM, Open MPI) and fills in what is not given.
+  Neither: nothing happens (one process; safe on a plain CPU). Must run before any
+  JAX computation. CPU processes exchange collectives through gloo.
+  """
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  if not auto and all(v is None for v in given.values()):
+    return False
+  if not auto and any(v is None for v in given.values()):
+    missing = ", ".join(f"--{k}" for k, v in given.items() if v is None)
+    raise ValueError(f"multi-process training needs --coordinator_address, --num_processes and "
+                     f"--process_id together (missing: {missing}), or --distributed for "
+                     "cluster auto-detection")
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"--num_processes={num_processes} must be >= 1")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+  # Harmless on GPU/TPU (it only configures the CPU client); needed for CPU processes.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**given)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True

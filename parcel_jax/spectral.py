@@ -17,7 +17,16 @@ Pipeline for a grid M (H, W, C):
 Query tokens have no grid of their own: ``query_footprint_spectrum`` uses each query's
 attention over the source grid as a spatial weighting of that grid.
 
-All functions are pure numpy, float64.
+All functions are pure numpy, float64, except the CLI section at the end, which runs a
+checkpoint (JAX) on the eval stream:
+
+    python -m parcel_jax.spectral --workdir=RUN --budget=B --out=DIR [--num_images=N]
+
+writes ``DIR/spectral_B.json`` and the plots ``DIR/concentration_B.png`` (cumulative curves)
+and ``DIR/profiles_B.png`` (normalised ring power) for: the source ViT grid (after its
+final norm), the anchors of budget B (their pooled native grid), M3-style pooled grids at
+every square size dividing the grid, and the attention-weighted footprints of B's active
+query tokens (head-averaged post-softmax cross-attention over the source grid).
 """
 
 from __future__ import annotations
@@ -172,3 +181,168 @@ def plot_curves(curves: Mapping[str, np.ndarray | Mapping[str, np.ndarray]], pat
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+# ------------------------------------------------------------------------ CLI
+# Below: runs a checkpoint (JAX, imported lazily so the analysis above stays numpy-only).
+
+def _divisor_grids(grid: int) -> list[int]:
+  """Square sizes s (2 <= s < grid) dividing the grid: the M3-style pooled grids."""
+  return [s for s in range(2, grid) if grid % s == 0]
+
+
+def analyse_run(run, budget: int, *, num_images: int = 64, batch_size: int = 32) -> dict:
+  """Appendix A on the first ``num_images`` eval images for ``run`` at ``budget``.
+
+  Returns ``{label: {"tokens", "grid", "radius", "nyquist_fraction", "profile", "curve",
+  "mean_profile"}}`` (``concentration_curve`` outputs as lists); labels name the ViT grid,
+  the budget's anchors, each M3-style grid and, when B has queries, the query footprints.
+  """
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from parcel_jax import evaluate
+  from parcel_jax.data import pipeline
+
+  @functools.partial(jax.jit, static_argnames=("graphdef", "bucket"))
+  def query_attention(graphdef, params, features, budgets, bucket):
+    return nnx.merge(graphdef, params).connector.query_attention(features, bucket, budgets)
+
+  space = run.method_space()
+  if budget not in space.budgets:
+    from parcel_jax import budgets as budgets_lib
+    raise ValueError(f"budget {budget} is not valid for method {run.method!r}; allowed: "
+                     f"{budgets_lib._describe(space.budgets)}")
+  bucket = space.compact_bucket(budget)
+  num_queries = budget - bucket.num_anchors
+  g = run.grid_size
+  source = pipeline.build_source(run.config.data, "eval")
+  num_images = min(num_images, len(source))
+  labels = {"vit": (f"ViT grid {g}x{g}", g * g, f"{g}x{g}")}
+  if 0 < bucket.anchor_grid < g:
+    a = bucket.anchor_grid
+    labels["anchors"] = (f"{run.method} anchors {a}x{a} (B={budget})", a * a, f"{a}x{a}")
+  for s in _divisor_grids(g):
+    labels[f"m3_{s}"] = (f"M3 pooled {s}x{s}", s * s, f"{s}x{s}")
+  if num_queries:
+    labels["queries"] = (f"{run.method} queries x{num_queries} (B={budget})", num_queries,
+                         f"attention over {g}x{g}")
+  profiles = {k: [] for k in labels}
+  for start in range(0, num_images, batch_size):
+    images = np.stack([source[i]["image"] for i in range(start, min(start + batch_size, num_images))])
+    features = evaluate.encode_images(run.graphdef, run.params, jnp.asarray(images))
+    attn = None
+    if num_queries:
+      budgets = jnp.full((images.shape[0],), budget, jnp.int32)
+      attn = np.asarray(query_attention(run.graphdef, run.params, features, budgets, bucket=bucket))
+    features = np.asarray(features, np.float64)
+    for i, grid in enumerate(features):
+      profiles["vit"].append(grid_profile(grid))
+      if "anchors" in labels:
+        profiles["anchors"].append(grid_profile(pool_grid(grid, bucket.anchor_grid)))
+      for s in _divisor_grids(g):
+        profiles[f"m3_{s}"].append(grid_profile(pool_grid(grid, s)))
+      if attn is not None:
+        profiles["queries"].append(query_footprint_spectrum(attn[i, :num_queries], grid))
+  curves = {}
+  for key, (label, tokens, grid_desc) in labels.items():
+    c = concentration_curve(profiles[key])
+    curves[label] = {"tokens": tokens, "grid": grid_desc, **{k: v.tolist() for k, v in c.items()}}
+  return curves
+
+
+def plot_profiles(curves: Mapping[str, Mapping], path: str, title: str) -> None:
+  """Normalised ring power (DC excluded) against r / r_max, log scale (PNG)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for name, c in curves.items():
+    ax.plot(c["nyquist_fraction"], np.maximum(c["profile"], EPS), marker="o", label=name)
+  ax.set_yscale("log")
+  ax.set_xlabel("radial frequency r / r_max (fraction of Nyquist)")
+  ax.set_ylabel("share of AC power per ring")
+  ax.set_xlim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_report(run, budget: int, out: str, *, num_images: int = 64, batch_size: int = 32) -> dict:
+  """Runs ``analyse_run`` and writes spectral_B.json, concentration_B.png, profiles_B.png."""
+  import json
+  import os
+
+  curves = analyse_run(run, budget, num_images=num_images, batch_size=batch_size)
+  report = {"workdir": run.workdir, "step": run.step, "method": run.method, "budget": budget,
+            "num_images": num_images, "curves": curves,
+            # Scalar summaries: larger = more low-pass.
+            "summary": {k: {"first_ring": c["curve"][0], "mean_cumulative": float(np.mean(c["curve"]))}
+                        for k, c in curves.items()}}
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"spectral_{budget}.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  title = f"{run.label()}, B={budget}, {num_images} eval images"
+  plot_curves(curves, os.path.join(out, f"concentration_{budget}.png"), title=title)
+  plot_profiles(curves, os.path.join(out, f"profiles_{budget}.png"), title=title)
+  return report
+
+
+def format_summary(report: dict) -> str:
+  lines = [f"{'tokens':<40} {'n':>5} {'r_max':>5} {'ring 1':>7} {'mean cum.':>9}"]
+  for label, c in report["curves"].items():
+    s = report["summary"][label]
+    lines.append(f"{label[:40]:<40} {c['tokens']:>5} {len(c['curve']):>5} "
+                 f"{s['first_ring']:>7.3f} {s['mean_cumulative']:>9.3f}")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  import os
+
+  from absl import flags
+
+  from parcel_jax import runs
+  from parcel_jax import train as train_lib
+
+  del argv
+  train_lib._quiet_library_logs()
+  f = flags.FLAGS
+  out = f.out or os.path.join(f.workdir, "spectral")
+  try:
+    run = runs.load_run(f.workdir, f.step)
+    report = write_report(run, f.budget, out, num_images=f.num_images, batch_size=f.batch_size)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from e
+  print(format_summary(report))
+  print(f"wrote {out}/spectral_{f.budget}.json, concentration_{f.budget}.png, profiles_{f.budget}.png",
+        flush=True)
+
+
+def _define_flags() -> None:
+  """Only when run as a script; ours replace train.py's ``--workdir`` (defined at its import)."""
+  from absl import flags
+
+  from parcel_jax import train  # noqa: F401  (registers train's flags first)
+
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", allow_override=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("budget", None, "Visual-token budget B.")
+  flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/spectral).")
+  flags.DEFINE_integer("num_images", 64, "Eval images averaged over.")
+  flags.DEFINE_integer("batch_size", 32, "Images per ViT batch.")
+  flags.mark_flags_as_required(["workdir", "budget"])
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)

@@ -16,7 +16,6 @@ import logging as std_logging
 import os
 import signal
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +28,13 @@ from ml_collections import config_flags
 
 from parcel_jax import budgets as budgets_lib
 from parcel_jax import checkpoint as ckpt_lib
+from parcel_jax import evaluate as evaluate_lib
+from parcel_jax import flops as flops_lib
 from parcel_jax import metrics as metrics_lib
 from parcel_jax import optim, sharding
-from parcel_jax.data import pipeline, synthetic, tokenizer as tokenizer_lib
+from parcel_jax.data import pipeline, tokenizer as tokenizer_lib
 from parcel_jax.models import vlm
+from parcel_jax import weights
 
 PREEMPTED_EXIT_CODE = 3
 
@@ -40,6 +42,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/base.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval results.")
+# Multi-process (multi-host) training; see sharding.initialize_distributed.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator service.")
+flags.DEFINE_integer("num_processes", None, "Number of JAX processes in the job.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
+                  "auto-detection (Cloud TPU pod, SLURM, Open MPI) for values not given above.")
 
 
 # --------------------------------------------------------------------------- config
@@ -53,9 +61,10 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[vlm.ModelConfig,
   if v.image_size % v.patch_size:
     raise ValueError(f"model.vision.image_size={v.image_size} is not divisible by "
                      f"model.vision.patch_size={v.patch_size}")
-  if config.data.name != "synthetic":
-    raise ValueError(f"data.name={config.data.name!r} is unknown; allowed: synthetic")
-  vocab = tokenizer_lib.synthetic_tokenizer().vocab_size
+  if config.data.name not in pipeline.DATASETS:
+    raise ValueError(f"data.name={config.data.name!r} is unknown; allowed: {', '.join(pipeline.DATASETS)}")
+  weights.apply_checkpoint_dims(config)  # init.hf_checkpoint: model dims from its config.json
+  vocab = pipeline.build_tokenizer(config.data).vocab_size
   with config.unlocked():
     if config.model.decoder.vocab_size == 0:
       config.model.decoder.vocab_size = vocab
@@ -85,6 +94,13 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[vlm.ModelConfig,
   return vlm.model_config(_model_fields(config.model)), spec
 
 
+def check_batch_divisible(config, mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % shards:
+    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the {shards} "
+                     f"data shards of mesh.shape={tuple(config.mesh.shape)}")
+
+
 def _model_fields(model_cfg):
   """Maps the config's 0 = off convention onto the modules' None."""
   m = ml_collections.ConfigDict(model_cfg.to_dict())
@@ -101,20 +117,47 @@ def eval_budgets(config, spec: budgets_lib.BudgetSpec) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------- model state
 
-def init_state(model_cfg: vlm.ModelConfig, optim_cfg, num_steps: int, mesh, seed: int):
-  """Graph definition, optimizer, and sharded params + optimizer state created on the mesh."""
+def init_state(model_cfg: vlm.ModelConfig, optim_cfg, num_steps: int, mesh, seed: int,
+               rules=None):
+  """Graph definition, optimizer, and sharded params + optimizer state created on the mesh.
+
+  ``rules``: logical -> mesh axis table (``sharding.rules_from_config``; None = defaults).
+  """
   make = lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(seed))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   tx = optim.make_optimizer(optim_cfg, nnx.to_pure_dict(abstract), num_steps)
-  param_shardings = sharding.param_shardings(abstract, mesh)
+  param_shardings = sharding.param_shardings(abstract, mesh, rules)
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=param_shardings)()
-  opt_state = jax.jit(tx.init)(params)
+  opt_shardings = sharding.optimizer_shardings(jax.eval_shape(tx.init, params), params,
+                                               param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   return graphdef, tx, params, opt_state
+
+
+def check_same_model(saved: dict, config, directory: str) -> None:
+  """A checkpoint only resumes into the model (and budget space) it was trained as."""
+  current = config.model.to_dict()
+  diffs = []
+
+  def walk(a, b, path):
+    for key in sorted(set(a) | set(b)):
+      x, y = a.get(key), b.get(key)
+      if isinstance(x, dict) and isinstance(y, dict):
+        walk(x, y, f"{path}.{key}")
+      elif key not in ("remat", "variant", "dtype") and x != y and not (
+          isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and list(x) == list(y)):
+        diffs.append(f"{path}.{key}: checkpoint {x!r}, config {y!r}")
+  walk(saved.get("model", {}), current, "model")
+  if diffs:
+    raise ValueError(f"the checkpoint in {directory} is of another model; differing fields: "
+                     + "; ".join(diffs) + ". Use a new --workdir or the checkpoint's config.")
 
 
 def abstract_train_state(state: dict) -> dict:
   """ShapeDtypeStructs with shardings: the restore target for Orbax."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  # Non-array leaves (the int step) are their own restore target.
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                      if isinstance(x, jax.Array) else x, state)
 
 
 # ------------------------------------------------------------------------- the step
@@ -126,27 +169,25 @@ def token_loss(logits, targets, loss_mask):
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def exact_match(logits, targets, loss_mask):
-  """(b,) bool: every suffix token is the argmax. Equals greedy decoding producing
-  exactly the answer and EOS, because greedy decoding feeds back only its own
-  (then correct) tokens."""
-  hit = (jnp.argmax(logits, -1) == targets) | ~loss_mask.astype(bool)
-  return jnp.all(hit, axis=-1)
+def make_train_step(graphdef, tx, *, accum_steps: int, mesh=None):
+  """The pure step: (params, opt_state, batch, budgets) -> (params, opt_state, metrics).
 
-
-def make_train_step(graphdef, tx, *, accum_steps: int):
-  """The pure step: (params, opt_state, batch, budgets) -> (params, opt_state, metrics)."""
+  Micro-batch i takes rows i, i + k, i + 2k, ... (k = ``accum_steps``): each device's
+  contiguous block of the batch then splits into k micro-batches locally (no data
+  movement); with ``mesh`` the micro-batches are constrained to stay batch-sharded.
+  """
 
   def micro_loss(params, micro, budgets, bucket):
     model = nnx.merge(graphdef, params)
     logits = model(micro["image"], micro["text"], micro["text_mask"], micro["ar_mask"],
                    bucket=bucket, budgets=budgets)
     loss_sum, count = token_loss(logits, micro["targets"], micro["loss_mask"])
-    em = exact_match(logits, micro["targets"], micro["loss_mask"])
+    em = evaluate_lib.exact_match(logits, micro["targets"], micro["loss_mask"])
     return loss_sum, (count, jnp.sum(em))
 
   def step(params, opt_state, batch, budgets, *, bucket):
-    split = lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+    split = lambda x: sharding.constrain_batch(
+        jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1), mesh, 1)
     micro_batches = jax.tree.map(split, (batch, budgets))
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -175,20 +216,32 @@ def make_train_step(graphdef, tx, *, accum_steps: int):
 
 
 class CompiledSteps:
-  """One compiled program per bucket (AOT), with XLA's FLOP count for MFU."""
+  """One compiled program per bucket (AOT), with XLA's FLOP count for MFU.
 
-  def __init__(self, step_fn, mesh):
-    self._jitted = jax.jit(step_fn, static_argnames="bucket", donate_argnums=(0, 1))
+  ``state_shardings=(params, opt_state)`` shardings (trees) pin the step's inputs and
+  outputs, so updated state keeps exactly the layout it came in with (batch and
+  budgets: split over (data, fsdp); metrics: replicated).
+  """
+
+  def __init__(self, step_fn, mesh, state_shardings=None):
+    self._shardings = {}
+    if state_shardings is not None:
+      batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+      self._shardings = dict(in_shardings=(*state_shardings, batch, batch),
+                             out_shardings=(*state_shardings, rep))
+    self._step_fn = step_fn
     self._compiled = {}
     self.flops = {}
     self.mesh = mesh
 
   def __call__(self, params, opt_state, batch, budgets, bucket):
     if bucket not in self._compiled:
-      lowered = self._jitted.lower(params, opt_state, batch, budgets, bucket=bucket)
-      compiled = lowered.compile()
+      # The bucket is bound before jit (jit takes no keyword arguments with in_shardings).
+      jitted = jax.jit(functools.partial(self._step_fn, bucket=bucket), donate_argnums=(0, 1),
+                       **self._shardings)
+      compiled = jitted.lower(params, opt_state, batch, budgets).compile()
       self._compiled[bucket] = compiled
-      self.flops[bucket] = metrics_lib.compiled_flops(compiled)
+      self.flops[bucket] = flops_lib.compiled_flops(compiled)
     return self._compiled[bucket](params, opt_state, batch, budgets)
 
   @property
@@ -196,71 +249,15 @@ class CompiledSteps:
     return len(self._compiled)
 
 
-# ---------------------------------------------------------------------- evaluation
-
-def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, mesh,
-             *, progress: bool = True) -> dict:
-  """Exact match per budget and task family on the eval stream.
-
-  Each image batch is encoded once; its vision features are reused for every
-  budget, which runs at its compact shape (exactly B visual tokens).
-  """
-  encode = jax.jit(lambda p, images: nnx.merge(graphdef, p).encode_images(images))
-
-  @functools.partial(jax.jit, static_argnames="bucket")
-  def score(p, features, batch, budget_vec, bucket):
-    model = nnx.merge(graphdef, p)
-    logits = model.text_logits(features, batch["text"], batch["text_mask"], batch["ar_mask"],
-                               bucket=bucket, budgets=budget_vec)
-    return exact_match(logits, batch["targets"], batch["loss_mask"])
-
-  hits = {b: [] for b in budgets}
-  families, valid = [], []
-  dataset = pipeline.build_eval_dataset(config.data, batch_size=config.eval.batch_size,
-                                        num_examples=config.eval.num_examples)
-  batch_spec = sharding.batch_sharding(mesh)
-  for i, batch in enumerate(dataset):
-    n = batch["image"].shape[0]
-    device_batch = {k: jax.device_put(v, batch_spec) if n % mesh.size == 0 else jnp.asarray(v)
-                    for k, v in batch.items() if k not in ("family", "valid")}
-    features = encode(params, device_batch["image"])
-    for b in budgets:
-      em = score(params, features, device_batch, jnp.full((n,), b, jnp.int32), bucket=spec.compact_bucket(b))
-      hits[b].append(np.asarray(em))
-    families.append(np.asarray(batch["family"]))
-    valid.append(np.asarray(batch["valid"], bool))  # eval batches are padded to full size
-    if progress and jax.process_index() == 0:
-      logging.info("eval batch %d: %d budgets", i + 1, len(budgets))
-  valid = np.concatenate(valid)
-  families = np.concatenate(families)[valid]
-  results = {}
-  for b in budgets:
-    h = np.concatenate(hits[b])[valid].astype(np.float64)
-    row = {"overall": float(h.mean())}
-    for f, name in enumerate(synthetic.FAMILIES):
-      sel = families == f
-      if sel.any():
-        row[name] = float(h[sel].mean())
-    results[str(b)] = row
-  return {"method": spec.method, "num_examples": int(families.size), "budgets": results}
-
-
-def format_eval_table(result: dict) -> str:
-  names = ["overall"] + [f for f in synthetic.FAMILIES if any(f in r for r in result["budgets"].values())]
-  lines = [f"{'budget':>7} " + " ".join(f"{n:>10}" for n in names)]
-  for b, row in result["budgets"].items():
-    lines.append(f"{b:>7} " + " ".join(f"{100 * row.get(n, float('nan')):>9.1f}%" for n in names))
-  return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------- main
 
 class _Preemption:
   """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits."""
 
-  def __init__(self):
+  def __init__(self, install: bool = True):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    if install:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -272,40 +269,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_cfg, spec = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
-  if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
-                     f"{mesh.shape['data'] * mesh.shape['fsdp']} data shards of mesh.shape={tuple(config.mesh.shape)}")
+  check_batch_divisible(config, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  preemption = _Preemption()
+  # One process: our SIGTERM flag. Several: JAX's preemption sync point (through
+  # ckpt.manager.reached_preemption) so that every process stops at the same step.
+  preemption = _Preemption(install=jax.process_count() == 1)
 
   # Model and optimizer.
   num_steps = config.train.num_steps
-  graphdef, tx, params, opt_state = init_state(model_cfg, config.optim, num_steps, mesh, config.seed)
+  graphdef, tx, params, opt_state = init_state(model_cfg, config.optim, num_steps, mesh, config.seed,
+                                               rules=sharding.rules_from_config(config.mesh))
   counts = vlm.parameter_counts(nnx.merge(graphdef, params))
   logging.info("parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
   logging.info("budgets: %s, buckets: %s", budgets_lib._describe(spec.budgets),
                ", ".join(map(str, spec.buckets)))
 
   # Data.
-  train_iter = iter(pipeline.build_train_dataset(
+  train_ds = pipeline.build_train_dataset(
       config.data, seed=config.seed, global_batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads))
+      num_threads=config.data.num_threads)
+  train_iter = iter(train_ds)
 
   # Resume.
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
   state = {"params": params, "opt_state": opt_state, "step": 0}
   latest = ckpt.latest_step()
   if latest is not None:
+    check_same_model(ckpt.saved_config(latest), config, ckpt.directory)
     state = ckpt.restore(latest, abstract_train_state(state), train_iter)
     logging.info("resumed from step %d in %s", latest, ckpt.directory)
+  else:  # a fresh run: pretrained weights named by config.init (if any), on the same shardings
+    state["params"] = weights.load_init_params(config, state["params"], model_cfg)
   params, opt_state, start = state["params"], state["opt_state"], int(state["step"])
 
   # Loop.
-  steps = CompiledSteps(make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps), mesh)
+  steps = CompiledSteps(
+      make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps, mesh=mesh), mesh,
+      state_shardings=(sharding.tree_shardings(params), sharding.tree_shardings(opt_state)))
   batch_spec = sharding.batch_sharding(mesh)
   meter = metrics_lib.Throughput(peak_flops=metrics_lib.peak_flops(), total_steps=num_steps)
-  nonfinite_steps = 0
+  nonfinite_steps, pending_nonfinite = 0, []
   last = min(num_steps, config.train.stop_at or num_steps)
   for step in range(start, last):
     bucket, budget_vec = budgets_lib.sample_step(
@@ -314,12 +318,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local = next(train_iter)
     local.pop("family")  # evaluation-only field
     batch = {k: jax.make_array_from_process_local_data(batch_spec, v) for k, v in local.items()}
+    # This process holds rows process_index, process_index + process_count, ... of the
+    # global batch (pipeline.build_train_dataset slices after the shuffle): same budgets.
     budget_arr = jax.make_array_from_process_local_data(
-        batch_spec, budget_vec.reshape(jax.process_count(), -1)[jax.process_index()])
+        batch_spec, budget_vec.reshape(-1, jax.process_count())[:, jax.process_index()])
     params, opt_state, m = steps(params, opt_state, batch, budget_arr, bucket)
 
     done = step + 1
-    if done % config.train.log_every == 0 or done == num_steps:
+    logged = done % config.train.log_every == 0 or done == last
+    if logged:
       m = jax.device_get(m)
       text_tokens = float(np.sum(local["text_mask"]))
       rates = meter.update(done, examples_per_step=config.train.batch_size,
@@ -327,22 +334,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            flops_per_step=steps.flops[bucket])
       record = {"step": done, "budget": int(budget_vec[0]), "bucket": str(bucket),
                 "data_fingerprint": metrics_lib.fingerprint(local),
-                **{k: float(v) for k, v in m.items()}, **rates, "compiled_programs": steps.num_compiled}
+                **{k: float(v) for k, v in m.items()}, **rates, "compiled_programs": steps.num_compiled,
+                "nonfinite_steps": nonfinite_steps + int(sum(float(x) for x in pending_nonfinite)),
+                **pipeline.data_metrics(train_ds)}  # real data: bad examples skipped per kind
       writer.write(done, record)
       logging.info("step %d/%d loss %.4f budget %d em %.2f | %.1f ex/s %.0f tok/s MFU %.1f%% ETA %s",
                    done, num_steps, record["loss"], record["budget"], record["train_exact_match"],
                    rates["examples_per_sec"], rates["tokens_per_sec"], 100 * rates["mfu"],
                    metrics_lib.format_eta(rates["eta_sec"]))
-    if float(m["nonfinite"]):
-      nonfinite_steps += 1
-      logging.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", done, nonfinite_steps)
-    if float(m["nonfinite"]) and config.train.on_nonfinite == "stop":
-      ckpt.close()
-      raise FloatingPointError(f"non-finite loss or gradient at step {done}; parameters were not "
-                               f"updated and the last complete checkpoint in {ckpt.directory} is intact")
-    if done % config.train.checkpoint_every == 0 or done == last or preemption.requested:
+    # Reading the flag syncs with the device, so 'skip' only reads it at log steps.
+    pending_nonfinite.append(m["nonfinite"])
+    if config.train.on_nonfinite == "stop" or logged:
+      bad = int(sum(float(x) for x in pending_nonfinite))
+      pending_nonfinite.clear()
+      if bad:
+        nonfinite_steps += bad
+        logging.warning("non-finite loss or gradient: %d update(s) skipped by step %d (%d in all)",
+                        bad, done, nonfinite_steps)
+      if bad and config.train.on_nonfinite == "stop":
+        ckpt.close()
+        raise FloatingPointError(f"non-finite loss or gradient at step {done}; parameters were not "
+                                 f"updated and the last complete checkpoint in {ckpt.directory} is intact")
+    preempted = preemption.requested or ckpt.manager.reached_preemption(done)
+    if done % config.train.checkpoint_every == 0 or done == last or preempted:
       ckpt.save(done, {"params": params, "opt_state": opt_state, "step": done}, train_iter, config)
-    if preemption.requested:
+    if preempted:
       ckpt.close()
       logging.warning("SIGTERM: checkpoint at step %d committed; exiting with status %d",
                       done, PREEMPTED_EXIT_CODE)
@@ -356,14 +372,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Final evaluation at every requested budget.
   budgets = eval_budgets(config, spec)
-  result = evaluate(graphdef, params, config, spec, budgets, mesh)
+  result = evaluate_lib.evaluate(graphdef, params, config, spec, budgets, mesh)
   result["steps"] = num_steps
   result["parameters"] = counts
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
     print(f"\nExact match on {result['num_examples']} eval examples (method {spec.method}):")
-    print(format_eval_table(result), flush=True)
+    print(evaluate_lib.format_table(result), flush=True)
   ckpt.close()
   writer.close()
   return result
@@ -381,7 +397,24 @@ def main(argv):
   _quiet_library_logs()
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.config.train.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.config.train.compilation_cache_dir)
+  try:
+    distributed = sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.distributed)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  clean = False
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    clean = True
+  except SystemExit as e:  # preemption: exits PREEMPTED_EXIT_CODE after a complete checkpoint
+    clean = e.code in (None, 0, PREEMPTED_EXIT_CODE)
+    raise
+  finally:
+    # After an error, skip the shutdown barrier (the other processes may never reach it).
+    if distributed and clean:
+      jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -11,26 +11,91 @@ batches exactly the k-th batch of a single-process run with the same seed.
 Batches are dicts of numpy arrays (b = per-process batch, L = max_text_len):
   image (b, S, S, 3) float32 in [-1, 1]; text, targets (b, L) int32;
   text_mask, ar_mask, loss_mask (b, L) bool; family (b,) int32 index into
-  ``synthetic.FAMILIES``. Eval batches add valid (b,) bool (False on padding).
+  ``synthetic.FAMILIES`` (real data: -1, one family 'all', so metrics report 'overall'
+  only). Eval batches add valid (b,) bool (False on padding and on skipped bad examples).
+
+Sources (``data.name``): ``synthetic`` (procedural, ``data/synthetic.py``), ``llava``
+(LLaVA JSON + image folder), ``jsonl`` (big_vision-style jsonl), ``tfds`` (TFDS
+ArrayRecord through ``tfds.data_source``). Real-data fields (all optional in a config,
+defaults in ``REAL_DATA_DEFAULTS``)::
+
+  data.train_path / data.eval_path   llava: the JSON file; jsonl: the .jsonl file
+  data.image_root                    folder image paths are relative to ('' = the data file's)
+  data.tfds_name, data.tfds_data_dir, data.train_split, data.eval_split   tfds
+  data.image_key / prefix_key / suffix_key   record fields (jsonl, tfds)
+  data.tokenizer                     Gemma tokenizer: a checkpoint dir, tokenizer.model or .json
+  data.on_error                      raise | skip   (bad examples, see below)
+  data.max_skip_fraction             skip: error once skipped > fraction x max(seen, min(len, 1000))
+  data.long_text                     truncate (cut the suffix tail) | reject (a bad example)
+
+Real examples use PaliGemma's layout (``gemma_tokenizer.layout_example``). Bad examples
+(``images.BAD_KINDS``: missing / corrupt / unreadable images, malformed records, missing
+fields, empty answers, text too long) either raise a ``BadDataError`` naming the source
+file, the example and the problem (``raise``), or are dropped and counted per kind
+(``skip``; train batches stay full, eval examples are marked invalid). The counts live in
+a ``BadDataStats`` (``dataset.bad_data_stats``; ``data_metrics(dataset)`` for logs).
+Skipping happens after the per-process slice, so with skipped examples the processes'
+k-th batches are no longer exactly a single-process run's k-th batch (each is still full,
+deterministic and resumable).
 
 Numpy only: Grain workers must never import JAX.
 """
 
 from __future__ import annotations
 
+import threading
+
 import grain
 import numpy as np
 
-from parcel_jax.data import synthetic
+from parcel_jax.data import gemma_tokenizer, images, synthetic
 from parcel_jax.data import tokenizer as tokenizer_lib
 
-DATASETS = ('synthetic',)
+DATASETS = ('synthetic', 'llava', 'jsonl', 'tfds')
+REAL_DATASETS = ('llava', 'jsonl', 'tfds')
 SPLITS = ('train', 'eval')
+ON_ERROR = ('raise', 'skip')
+REAL_DATA_DEFAULTS = dict(
+    train_path='', eval_path='', image_root='', tfds_name='', tfds_data_dir='',
+    train_split='train', eval_split='validation', image_key='image', prefix_key='prefix',
+    suffix_key='suffix', tokenizer='', on_error='raise', max_skip_fraction=0.01,
+    long_text='truncate')
+REAL_FAMILY = -1  # real data has one family, 'all'
+SKIP_CHECK_MIN_SEEN = 1000
+
+
+def _get(data_cfg, key: str):
+  """A real-data field, with its default when the config does not define it."""
+  return data_cfg.get(key, REAL_DATA_DEFAULTS[key])
+
+
+def _validate_real(data_cfg) -> None:
+  if data_cfg.image_size <= 0:
+    raise ValueError(f'data.image_size must be positive, got {data_cfg.image_size}')
+  if _get(data_cfg, 'on_error') not in ON_ERROR:
+    raise ValueError(f"data.on_error={_get(data_cfg, 'on_error')!r} is unknown; allowed: {', '.join(ON_ERROR)}")
+  if _get(data_cfg, 'long_text') not in gemma_tokenizer.LONG_TEXT_POLICIES:
+    raise ValueError(f"data.long_text={_get(data_cfg, 'long_text')!r} is unknown; allowed: "
+                     f"{', '.join(gemma_tokenizer.LONG_TEXT_POLICIES)}")
+  if not 0 <= _get(data_cfg, 'max_skip_fraction') <= 1:
+    raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {_get(data_cfg, 'max_skip_fraction')}")
+  if not _get(data_cfg, 'tokenizer'):
+    raise ValueError(f'data.tokenizer must name a Gemma tokenizer (checkpoint directory, '
+                     f'tokenizer.model or tokenizer.json) for data.name={data_cfg.name!r}')
+  if data_cfg.max_text_len < 4:
+    raise ValueError(f'data.max_text_len must be >= 4, got {data_cfg.max_text_len}')
+  if data_cfg.name == 'tfds' and not _get(data_cfg, 'tfds_name'):
+    raise ValueError("data.tfds_name must name a prepared TFDS dataset for data.name='tfds'")
+  if data_cfg.name in ('llava', 'jsonl') and not _get(data_cfg, 'train_path'):
+    raise ValueError(f'data.train_path must name the {data_cfg.name} file')
 
 
 def _validate(data_cfg) -> None:
   if data_cfg.name not in DATASETS:
     raise ValueError(f'data.name must be one of {DATASETS}, got {data_cfg.name!r}')
+  if data_cfg.name in REAL_DATASETS:
+    _validate_real(data_cfg)
+    return
   if data_cfg.image_size <= 0 or data_cfg.image_size % 16:
     raise ValueError(f'data.image_size must be a positive multiple of 16, '
                      f'got {data_cfg.image_size}')
@@ -53,11 +118,122 @@ def _check_process(process_index: int, process_count: int) -> None:
                      f'got process_index={process_index}, process_count={process_count}')
 
 
-def build_source(data_cfg, split: str) -> synthetic.SyntheticSource:
-  """Random-access source for ``split`` ('train' or 'eval')."""
+class BadDataError(ValueError):
+  """A bad example under data.on_error='raise', or too many under 'skip'."""
+
+
+class BadDataStats:
+  """Thread-safe counts of examples read, skipped (per kind) and truncated, in this process
+  (Grain's prefetch threads share it; ``mp_prefetch`` worker processes keep their own)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.seen = 0
+    self.truncated = 0
+    self.skipped = {k: 0 for k in images.BAD_KINDS}
+
+  @property
+  def total_skipped(self) -> int:
+    return sum(self.skipped.values())
+
+  def record(self, *, bad_kind: str | None = None, truncated: bool = False) -> tuple[int, int]:
+    with self._lock:
+      self.seen += 1
+      self.truncated += int(truncated)
+      if bad_kind is not None:
+        self.skipped[bad_kind] += 1
+      return self.seen, self.total_skipped
+
+  def __getstate__(self):  # picklable for worker processes (their counts stay there)
+    return {k: v for k, v in self.__dict__.items() if k != '_lock'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def as_dict(self) -> dict[str, int]:
+    with self._lock:
+      return {'seen': self.seen, 'truncated': self.truncated, 'skipped': self.total_skipped,
+              **{f'skipped_{k}': v for k, v in self.skipped.items()}}
+
+  def __repr__(self) -> str:
+    return f'BadDataStats({self.as_dict()})'
+
+
+class ExampleSource:
+  """A real source with decoded images: ``source[i]`` -> dict(image (S, S, 3) float32 in
+  [-1, 1], question (the prefix), answer (the suffix), family -1, index), or raises
+  ``images.BadExample``. ``path`` and ``describe(i)`` name the file and the example."""
+
+  def __init__(self, raw, image_size: int):
+    self.raw = raw
+    self.image_size = int(image_size)
+    self.path = raw.path
+
+  def __len__(self) -> int:
+    return len(self.raw)
+
+  def describe(self, index: int) -> str:
+    return self.raw.describe(index)
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    rec = self.raw[index]
+    return {'image': images.decode_image(rec['image'], self.image_size),
+            'question': rec['prefix'], 'answer': rec['suffix'],
+            'family': np.int32(REAL_FAMILY), 'index': np.int64(index)}
+
+  def __repr__(self) -> str:
+    return f'ExampleSource({self.raw!r}, image_size={self.image_size})'
+
+
+def _real_source(data_cfg, split: str) -> ExampleSource:
+  name = data_cfg.name
+  keys = dict(image_key=_get(data_cfg, 'image_key'), prefix_key=_get(data_cfg, 'prefix_key'),
+              suffix_key=_get(data_cfg, 'suffix_key'))
+  if name == 'tfds':
+    from parcel_jax.data import tfds as tfds_source
+    tfds_split = _get(data_cfg, 'train_split' if split == 'train' else 'eval_split')
+    raw = tfds_source.TfdsSource(_get(data_cfg, 'tfds_name'), tfds_split,
+                                 _get(data_cfg, 'tfds_data_dir'), **keys)
+  else:
+    path = _get(data_cfg, 'train_path' if split == 'train' else 'eval_path')
+    if not path:
+      raise ValueError(f'data.{split}_path must name the {name} file for the {split} split')
+    if name == 'llava':
+      from parcel_jax.data import llava
+      raw = llava.LlavaSource(path, _get(data_cfg, 'image_root'))
+    else:
+      from parcel_jax.data import jsonl
+      raw = jsonl.JsonlSource(path, _get(data_cfg, 'image_root'), **keys)
+  if len(raw) == 0:
+    raise ValueError(f'{raw.path}: the {split} source has no examples')
+  return ExampleSource(raw, data_cfg.image_size)
+
+
+def build_tokenizer(data_cfg):
+  """The data's tokenizer: the synthetic word list, or the Gemma tokenizer of ``data.tokenizer``."""
+  if data_cfg.name in REAL_DATASETS:
+    if not _get(data_cfg, 'tokenizer'):
+      raise ValueError(f'data.tokenizer must name a Gemma tokenizer (checkpoint directory, '
+                       f'tokenizer.model or tokenizer.json) for data.name={data_cfg.name!r}')
+    return gemma_tokenizer.GemmaTokenizer(_get(data_cfg, 'tokenizer'))
+  return tokenizer_lib.synthetic_tokenizer()
+
+
+def family_names(data_cfg) -> tuple[str, ...]:
+  """Names of the task families in batches' ``family`` (real data: one, 'all', index -1)."""
+  return ('all',) if data_cfg.name in REAL_DATASETS else synthetic.FAMILIES
+
+
+def build_source(data_cfg, split: str):
+  """Random-access source for ``split`` ('train' or 'eval'): a ``SyntheticSource`` or,
+  for real data, an ``ExampleSource`` (records shaped like synthetic ones)."""
   _validate(data_cfg)
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  if data_cfg.name in REAL_DATASETS:
+    return _real_source(data_cfg, split)
   size = data_cfg.train_size if split == 'train' else data_cfg.eval_size
   families = tuple(data_cfg.families) if data_cfg.families else None
   return synthetic.SyntheticSource(split, size, data_cfg.image_size, families)
@@ -76,20 +252,85 @@ class _Encode(grain.transforms.Map):
     return {'image': record['image'], **text, 'family': record['family']}
 
 
+class _EncodeReal(grain.transforms.Map):
+  """Index -> encoded real example, or None (skipped) / BadDataError (raised) when bad."""
+
+  def __init__(self, source: ExampleSource, data_cfg, stats: BadDataStats):
+    self._source = source
+    self._tokenizer = build_tokenizer(data_cfg)
+    self._max_len = data_cfg.max_text_len
+    self._long_text = _get(data_cfg, 'long_text')
+    self._on_error = _get(data_cfg, 'on_error')
+    self._max_skip = float(_get(data_cfg, 'max_skip_fraction'))
+    self._stats = stats
+
+  def encode(self, index: int) -> dict | None:
+    try:
+      record = self._source[index]
+      try:
+        text, truncated = gemma_tokenizer.layout_example(
+            self._tokenizer, record['question'], record['answer'], self._max_len, self._long_text)
+      except gemma_tokenizer.TextTooLong as e:
+        raise images.BadExample('text_too_long', str(e)) from e
+    except images.BadExample as e:
+      where = f'{self._source.path}: {self._source.describe(index)}'
+      if self._on_error == 'raise':
+        raise BadDataError(f'{where}: {e.kind}: {e.message} (data.on_error=raise; set '
+                           f'data.on_error=skip to drop such examples)') from e
+      seen, skipped = self._stats.record(bad_kind=e.kind)
+      limit = self._max_skip * max(seen, min(len(self._source), SKIP_CHECK_MIN_SEEN))
+      if skipped > limit:
+        raise BadDataError(f'{self._source.path}: skipped {skipped} bad examples of {seen} read, more '
+                           f'than data.max_skip_fraction={self._max_skip} allows; last: {where}: '
+                           f'{e.kind}: {e.message}; counts: {self._stats.as_dict()}') from e
+      return None
+    self._stats.record(truncated=truncated)
+    return {'image': record['image'], **text, 'family': record['family']}
+
+  def map(self, index) -> dict | None:
+    return self.encode(int(index))
+
+
+def data_metrics(dataset) -> dict[str, int]:
+  """Bad-data counts of a dataset built here (empty for synthetic data), for logging."""
+  stats = getattr(dataset, 'bad_data_stats', None)
+  return {f'data/{k}': v for k, v in stats.as_dict().items()} if stats is not None else {}
+
+
+def _build_real_train(data_cfg, *, seed, global_batch_size, process_index, process_count,
+                      read_options, stats):
+  source = build_source(data_cfg, 'train')
+  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+  ds = ds[process_index::process_count]
+  ds = ds.map(_EncodeReal(source, data_cfg, stats))   # None = skipped, dropped below
+  ds = ds.to_iter_dataset(read_options)
+  return ds.batch(global_batch_size // process_count, drop_remainder=True)
+
+
 def build_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                         process_index: int = 0, process_count: int = 1,
                         num_threads: int = 0, prefetch_buffer_size: int = 4,
-                        ) -> grain.IterDataset:
+                        stats: BadDataStats | None = None) -> grain.IterDataset:
   """Infinite, shuffled train batches of ``global_batch_size // process_count``.
 
   ``num_threads > 0`` prefetches whole batches on that many threads, overlapping
   generation with the train step; the iterator state (and so resume) does not
-  depend on it.
+  depend on it. Real data: skipped examples are dropped before batching (batches stay
+  full); ``stats`` (default: a new one) counts them, also as ``.bad_data_stats``.
   """
   _check_process(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'global_batch_size must be a positive multiple of process_count='
                      f'{process_count}, got global_batch_size={global_batch_size}')
+  if data_cfg.name in REAL_DATASETS:
+    stats = stats if stats is not None else BadDataStats()
+    read_options = grain.ReadOptions(num_threads=num_threads,
+                                     prefetch_buffer_size=prefetch_buffer_size)
+    ds = _build_real_train(data_cfg, seed=seed, global_batch_size=global_batch_size,
+                           process_index=process_index, process_count=process_count,
+                           read_options=read_options, stats=stats)
+    ds.bad_data_stats = stats
+    return ds
   source = build_source(data_cfg, 'train')
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   ds = ds[process_index::process_count]
@@ -114,9 +355,33 @@ class _EvalRecord(grain.transforms.Map):
     return {**record, 'valid': np.bool_(index < self._num_examples)}
 
 
+class _RealEvalRecord(grain.transforms.Map):
+  """Index -> encoded eval example; padding indices and skipped bad examples are invalid."""
+
+  def __init__(self, source: ExampleSource, data_cfg, num_examples: int, stats: BadDataStats):
+    self._encode = _EncodeReal(source, data_cfg, stats)
+    self._num_examples = num_examples
+    self._size = data_cfg.image_size
+    self._max_len = data_cfg.max_text_len
+    self._pad = self._encode._tokenizer.pad_id
+
+  def _placeholder(self) -> dict:
+    zeros = np.zeros(self._max_len, bool)
+    return {'image': np.zeros((self._size, self._size, 3), np.float32),
+            'text': np.full(self._max_len, self._pad, np.int32), 'text_mask': zeros,
+            'ar_mask': zeros, 'targets': np.full(self._max_len, self._pad, np.int32),
+            'loss_mask': zeros, 'family': np.int32(REAL_FAMILY)}
+
+  def map(self, index) -> dict:
+    index = int(index)
+    record = self._encode.encode(index) if index < self._num_examples else None
+    valid = record is not None
+    return {**(record if valid else self._placeholder()), 'valid': np.bool_(valid)}
+
+
 def build_eval_dataset(data_cfg, *, batch_size: int, process_index: int = 0,
                        process_count: int = 1, num_examples: int | None = None,
-                       ) -> grain.MapDataset:
+                       stats: BadDataStats | None = None) -> grain.MapDataset:
   """Finite eval batches in a fixed order over the first ``num_examples`` (default
   ``data.eval_size``) eval examples; each appears exactly once with valid=True.
 
@@ -131,10 +396,17 @@ def build_eval_dataset(data_cfg, *, batch_size: int, process_index: int = 0,
   source = build_source(data_cfg, 'eval')
   num_examples = len(source) if num_examples is None else num_examples
   if not 0 < num_examples <= len(source):
-    raise ValueError(f'num_examples must be in [1, data.eval_size={len(source)}], '
-                     f'got {num_examples}')
+    bound = (f'the {len(source)} examples of {source.path}' if data_cfg.name in REAL_DATASETS
+             else f'data.eval_size={len(source)}')
+    raise ValueError(f'num_examples must be in [1, {bound}], got {num_examples}')
   stride = batch_size * process_count
   padded = -(-num_examples // stride) * stride
   ds = grain.MapDataset.range(padded)[process_index::process_count]
+  if data_cfg.name in REAL_DATASETS:
+    stats = stats if stats is not None else BadDataStats()
+    ds = ds.map(_RealEvalRecord(source, data_cfg, num_examples, stats)).batch(
+        batch_size, drop_remainder=True)
+    ds.bad_data_stats = stats
+    return ds
   ds = ds.map(_EvalRecord(source, num_examples, data_cfg.max_text_len))
   return ds.batch(batch_size, drop_remainder=True)

@@ -109,6 +109,23 @@ class _Block(nnx.Module):
       keys = key_pos if pos_only else kv_in + key_pos
     return x + self.attn(q_in, keys, mask=mask, values_from=kv_in)
 
+  def attention_weights(self, x: Array, context: Array, mask: Array, *,
+                        key_pos: Array | None = None, pos_only: bool = False) -> Array:
+    """Post-softmax attention of ``__call__`` (same arguments, with a context):
+    (b, heads, t, s); rows of fully masked queries are zero."""
+    q = self.attn.project_q(self.norm_q(x))
+    kv_in = self.norm_kv(context)
+    keys = kv_in
+    if key_pos is not None:
+      key_pos = jnp.broadcast_to(key_pos.astype(kv_in.dtype), kv_in.shape)
+      keys = key_pos if pos_only else kv_in + key_pos
+    k, _ = self.attn.project_kv(keys)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    logits = layers.soft_cap(logits, self.attn.softcap)
+    mask = jnp.broadcast_to(mask, (x.shape[0], x.shape[1], context.shape[1]))[:, None]
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.where(mask, probs, 0.0)
+
 
 class QueryResampler(nnx.Module):
   """Ordered learned queries -> [condition on a context] -> cross-attend to features -> MLP.
@@ -147,6 +164,31 @@ class QueryResampler(nnx.Module):
       context: (b, c, d) always-valid tokens the queries condition on (anchors).
     Returns: queries (b, num_slots, d) with inactive slots zeroed, valid (b, num_slots).
     """
+    x, valid = self._conditioned_queries(features, num_slots, num_active, context)
+    key_mask = valid[:, :, None] & jnp.ones((1, 1, features.shape[1]), bool)
+    x = self.cross(x, features, key_mask, key_pos=self._feature_pos(),
+                   pos_only=self.cfg.key_mode == "pos_only")
+    x = x + self.mlp(self.mlp_norm(x))
+    if self.out_norm is not None:
+      x = self.out_norm(x)
+    return jnp.where(valid[..., None], x, 0.0), valid
+
+  def cross_attention_weights(self, features: Array, num_slots: int, num_active: Array,
+                              context: Array | None = None) -> Array:
+    """Head-averaged post-softmax cross-attention of the queries over ``features``.
+
+    Same arguments as ``__call__``. Returns (b, num_slots, g*g): each active query's row
+    sums to 1 over the source tokens (raster order); inactive rows are zero.
+    """
+    x, valid = self._conditioned_queries(features, num_slots, num_active, context)
+    key_mask = valid[:, :, None] & jnp.ones((1, 1, features.shape[1]), bool)
+    probs = self.cross.attention_weights(x, features, key_mask, key_pos=self._feature_pos(),
+                                         pos_only=self.cfg.key_mode == "pos_only")
+    return probs.mean(axis=1)
+
+  def _conditioned_queries(self, features, num_slots, num_active, context):
+    """The first ``num_slots`` bank queries after conditioning on ``context``:
+    (b, num_slots, d) and their validity (b, num_slots)."""
     b = features.shape[0]
     if num_slots > self.bank.shape[0]:
       raise ValueError(f"{num_slots} query slots exceed the query bank ({self.bank.shape[0]}); "
@@ -162,13 +204,7 @@ class QueryResampler(nnx.Module):
     elif self.conditioning == "dual_cross":
       mask = valid[:, :, None] & jnp.ones((1, 1, context.shape[1]), bool)
       x = self.condition(x, context, mask)
-    key_mask = valid[:, :, None] & jnp.ones((1, 1, features.shape[1]), bool)
-    x = self.cross(x, features, key_mask, key_pos=self._feature_pos(),
-                   pos_only=self.cfg.key_mode == "pos_only")
-    x = x + self.mlp(self.mlp_norm(x))
-    if self.out_norm is not None:
-      x = self.out_norm(x)
-    return jnp.where(valid[..., None], x, 0.0), valid
+    return x, valid
 
 
 def _check(features: Array, cfg: ConnectorConfig) -> None:
@@ -193,15 +229,27 @@ class Parcel(nnx.Module):
     b = features.shape[0]
     if bucket.query_slots == 0:   # B = 16 or 64: pure pooling, the query path is off
       return anchors, jnp.ones((b, bucket.num_anchors), bool)
-    context = anchors
-    if self.cfg.anchor_pos == "sincos2d":
-      context = anchors + layers.sincos_2d(bucket.anchor_grid, self.cfg.width,
-                                           frame=self.cfg.grid_size).astype(anchors.dtype)
     queries, valid = self.resampler(
         einops.rearrange(features, "b h w d -> b (h w) d"), bucket.query_slots,
-        budgets - bucket.num_anchors, context=context)
+        budgets - bucket.num_anchors, context=self._context(anchors, bucket))
     tokens = jnp.concatenate([anchors, queries], axis=1)
     return tokens, jnp.concatenate([jnp.ones((b, bucket.num_anchors), bool), valid], axis=1)
+
+  def _context(self, anchors: Array, bucket) -> Array:
+    """What the queries condition on: the anchors (b, a, d), plus their position code."""
+    if self.cfg.anchor_pos == "sincos2d":
+      return anchors + layers.sincos_2d(bucket.anchor_grid, self.cfg.width,
+                                        frame=self.cfg.grid_size).astype(anchors.dtype)
+    return anchors
+
+  def query_attention(self, features: Array, bucket, budgets: Array) -> Array:
+    """Head-averaged cross-attention of the query slots over the ViT grid (spectral analysis):
+    features (b, g, g, d) -> (b, bucket.query_slots, g*g); inactive slots are zero rows."""
+    _check(features, self.cfg)
+    anchors = avg_pool(features, bucket.anchor_grid)
+    return self.resampler.cross_attention_weights(
+        einops.rearrange(features, "b h w d -> b (h w) d"), bucket.query_slots,
+        budgets - bucket.num_anchors, context=self._context(anchors, bucket))
 
 
 class M3(nnx.Module):
@@ -233,6 +281,12 @@ class MQT(nnx.Module):
     _check(features, self.cfg)
     flat = einops.rearrange(features, "b h w d -> b (h w) d")
     return self.resampler(flat, bucket.query_slots, budgets)
+
+  def query_attention(self, features: Array, bucket, budgets: Array) -> Array:
+    """As ``Parcel.query_attention``: (b, g, g, d) -> (b, bucket.query_slots, g*g)."""
+    _check(features, self.cfg)
+    flat = einops.rearrange(features, "b h w d -> b (h w) d")
+    return self.resampler.cross_attention_weights(flat, bucket.query_slots, budgets)
 
 
 class Uncompressed(nnx.Module):

@@ -32,6 +32,8 @@ from parcel_jax.models import layers
 
 Array = jax.Array
 
+WINDOW_PREFIX_MODES = ("window", "full")
+
 DECODER_VARIANTS: dict[str, dict[str, Any]] = {
     # CPU default. Gemma-2 switches are on so CPU tests exercise them; the window is
     # shorter than tiny training sequences (<= 256 visual + text tokens) so it matters.
@@ -67,6 +69,12 @@ class DecoderConfig:
   local_global: bool = False            # alternate local / global layers, local first
   query_scale: float | None = None      # None: head_dim ** -0.5
   rope_base: float = 10_000.0
+  # How local (sliding-window) layers treat the bidirectional prefix (image + prompt):
+  # 'window': every pair needs |pos_i - pos_j| < window, prefix included (big_vision);
+  # 'full': prefix tokens see the whole prefix, the window applies to suffix queries
+  # only, looking back (Hugging Face transformers' PaliGemma-2). Equal while the prefix
+  # is shorter than the window (PaliGemma-2: 4096).
+  window_prefix: str = "window"
   dtype: Any = None                     # compute dtype; None = float32
   param_dtype: Any = jnp.float32
   scan: bool = False                    # scan over layers (pairs of local/global layers)
@@ -86,6 +94,9 @@ class DecoderConfig:
       raise ValueError(f"DecoderConfig.head_dim={self.head_dim} must be even (RoPE)")
     if self.local_global and not self.sliding_window:
       raise ValueError("DecoderConfig.local_global=True needs sliding_window > 0")
+    if self.window_prefix not in WINDOW_PREFIX_MODES:
+      raise ValueError(f"DecoderConfig.window_prefix={self.window_prefix!r} is unknown; allowed: "
+                       f"{', '.join(WINDOW_PREFIX_MODES)}")
     if self.sliding_window is not None and self.sliding_window < 0:
       raise ValueError(f"DecoderConfig.sliding_window={self.sliding_window} must be positive")
     if self.local_global and self.scan and self.depth % 2:
@@ -112,13 +123,15 @@ def default_positions(input_mask: Array) -> Array:
 
 
 def make_attention_mask(input_mask: Array, ar_mask: Array, positions: Array | None = None,
-                        sliding_window: int | None = None) -> Array:
+                        sliding_window: int | None = None, window_prefix: str = "window") -> Array:
   """Prefix-LM attention mask (b, S, S): [i, j] True iff token i may attend to j.
 
   i attends j iff both are valid and ``cumsum(ar)[j] <= cumsum(ar)[i]``; with a
   ``sliding_window`` also ``|pos_i - pos_j| < sliding_window``. The cumulative
   sum counts valid ar tokens only, so even an invalid slot marked ar does not
   split a segment: the mask on valid tokens is that of the compact sequence.
+  ``window_prefix='full'`` exempts pairs of prefix tokens (segment 0) from the
+  window and applies it as ``pos_i - pos_j < sliding_window`` (see DecoderConfig).
   """
   chex.assert_equal_shape([input_mask, ar_mask])
   input_mask = input_mask.astype(bool)
@@ -127,7 +140,12 @@ def make_attention_mask(input_mask: Array, ar_mask: Array, positions: Array | No
   mask &= input_mask[:, None, :] & input_mask[:, :, None]
   if sliding_window:
     positions = default_positions(input_mask) if positions is None else positions
-    mask &= jnp.abs(positions[:, :, None] - positions[:, None, :]) < sliding_window
+    delta = positions[:, :, None] - positions[:, None, :]
+    if window_prefix == "full":
+      prefix = segment == 0
+      mask &= (delta < sliding_window) | (prefix[:, :, None] & prefix[:, None, :])
+    else:
+      mask &= jnp.abs(delta) < sliding_window
   return mask
 
 
@@ -293,7 +311,8 @@ class Decoder(nnx.Module):
 
   def _masks(self, input_mask, ar_mask, positions):
     full = make_attention_mask(input_mask, ar_mask)
-    local = (make_attention_mask(input_mask, ar_mask, positions, self.cfg.sliding_window)
+    local = (make_attention_mask(input_mask, ar_mask, positions, self.cfg.sliding_window,
+                                 self.cfg.window_prefix)
              if self.cfg.local_global else None)
     return full, local
 

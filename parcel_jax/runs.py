@@ -1,0 +1,151 @@
+"""A trained run, ready for inference: config, budgets, model graph and parameters.
+
+``load_run(workdir)`` restores the parameters of a checkpoint written by
+``parcel_jax.train`` (only ``state['params']``: the optimizer state and data
+iterator are never read) onto a mesh of the local devices, with the run's own
+config from the checkpoint's JSON item. ``init_run(config)`` builds the same
+object with freshly initialised parameters (tests, benchmarks).
+
+The tools (``evaluate``, ``predict``, ``spectral``) all start from a ``Run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from parcel_jax import budgets as budgets_lib
+from parcel_jax import sharding
+from parcel_jax import train as train_lib
+from parcel_jax.data import pipeline
+from parcel_jax.models import vlm
+
+
+@dataclasses.dataclass
+class Run:
+  """Attributes:
+    config: the run's ConfigDict, validated (``model.decoder.vocab_size`` filled in).
+    model_cfg, spec: from ``train.validate_config``; ``spec.budgets`` is the trained set.
+    graphdef, params: ``nnx.split`` of the model; params a pure dict of arrays on ``mesh``.
+    workdir, step: where the parameters came from (None for ``init_run``).
+  """
+  config: ml_collections.ConfigDict
+  model_cfg: vlm.ModelConfig
+  spec: budgets_lib.BudgetSpec
+  graphdef: nnx.GraphDef
+  params: dict
+  mesh: jax.sharding.Mesh
+  workdir: str | None = None
+  step: int | None = None
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The data's tokenizer (synthetic word list, or Gemma's for real data)."""
+    return pipeline.build_tokenizer(self.config.data)
+
+  @property
+  def model(self) -> vlm.VLM:
+    return nnx.merge(self.graphdef, self.params)
+
+  @property
+  def method(self) -> str:
+    return self.spec.method
+
+  @property
+  def grid_size(self) -> int:
+    return self.spec.grid_size
+
+  @property
+  def image_size(self) -> int:
+    return self.model_cfg.vision.image_size
+
+  def method_space(self) -> budgets_lib.BudgetSpec:
+    """The spec widened to every budget the architecture can serve (the method's whole
+    space at this grid and query bank), not only those it was trained on."""
+    con = ml_collections.ConfigDict(self.config.model.connector.to_dict())
+    con.budgets = ()
+    return budgets_lib.BudgetSpec.from_config(con, self.grid_size)
+
+  def label(self) -> str:
+    name = os.path.basename(os.path.normpath(self.workdir)) if self.workdir else "init"
+    return f"{self.method} ({name})"
+
+
+def _mesh(config) -> jax.sharding.Mesh:
+  """The run's mesh shape if it fits the local devices, else data parallel over all of them."""
+  try:
+    return sharding.make_mesh(config.mesh.shape)
+  except ValueError as e:
+    logging.warning("%s; using mesh.shape=(-1, 1, 1) instead", e)
+    return sharding.make_mesh((-1, 1, 1))
+
+
+def abstract_params(model_cfg: vlm.ModelConfig, mesh, rules=None):
+  """Graph definition and the params' ShapeDtypeStructs (with shardings from the logical
+  axis ``rules``, default ``sharding.DEFAULT_RULES``): the restore target."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.param_shardings(abstract, mesh, rules)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  return graphdef, target
+
+
+def init_run(config: ml_collections.ConfigDict, *, seed: int | None = None) -> Run:
+  """A Run with freshly initialised parameters (``config.seed`` unless ``seed``)."""
+  config = ml_collections.ConfigDict(config.to_dict())  # validate_config fills fields in place
+  model_cfg, spec = train_lib.validate_config(config)
+  mesh = _mesh(config)
+  seed = config.seed if seed is None else seed
+  make = lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(seed))
+  graphdef, target = abstract_params(model_cfg, mesh, sharding.rules_from_config(config.mesh))
+  out_shardings = jax.tree.map(lambda x: x.sharding, target)
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=out_shardings)()
+  return Run(config, model_cfg, spec, graphdef, params, mesh)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+  """Restores the parameters of ``workdir``'s checkpoint ``step`` (default: the latest).
+
+  Raises:
+    FileNotFoundError: naming the path, when the workdir, its checkpoints or the step
+      are missing.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {os.path.abspath(workdir)} does not exist")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {os.path.abspath(workdir)}: {directory} does not "
+                            "exist (train with python -m parcel_jax.train --workdir=...)")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"{directory} has no checkpoint at step {step}; complete steps: {sorted(steps)}")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    config = ml_collections.ConfigDict(saved)
+    model_cfg, spec = train_lib.validate_config(config)
+    mesh = _mesh(config)
+    graphdef, target = abstract_params(model_cfg, mesh, sharding.rules_from_config(config.mesh))
+    item = {"params": target}
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  logging.info("restored %s step %d (method %s)", directory, step, spec.method)
+  return Run(config, model_cfg, spec, graphdef, state["params"], mesh,
+             workdir=os.path.abspath(workdir), step=int(step))

@@ -1,0 +1,128 @@
+"""Prediction: KV-cache greedy decoding equals recomputing the whole sequence; the CLI."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from parcel_jax import evaluate, predict, runs, sharding, train
+from parcel_jax.data import synthetic
+from tests.conftest import run_cli, tiny_config
+
+NEW_TOKENS = 6
+BUDGETS = (16, 24, 100)  # pure pooling; 4x4 anchors + 8 queries; 8x8 anchors + 36 queries
+QUESTIONS = ("where is the red square", "where is the blue square")  # one length: a batch
+
+
+def _inputs(run):
+  images = np.stack([synthetic.generate("eval", i).image for i in range(len(QUESTIONS))])
+  prefix = np.stack([predict.prompt_tokens(q) for q in QUESTIONS])
+  return evaluate.encode_images(run.graphdef, run.params, jnp.asarray(images)), prefix
+
+
+@pytest.fixture(scope="module")
+def random_run():
+  """A random PARCEL model with Gemma-2 local/global layers: the window (16) is shorter than
+  every sequence (>= 16 visual + prompt + answer tokens), so the cache's positions matter.
+
+  Parameters are N(0, 0.5) from fresh seeds (numpy: nothing to compile) with a small token
+  embedding (0.05); a large one dominates the residual stream and, with tied logits, the
+  model repeats its last token. Draws whose greedy answers barely vary are redrawn: a
+  constant answer would make the comparison prove little.
+  """
+  config = tiny_config()
+  config.model.decoder.depth = 2
+  config.model.decoder.local_global = True
+  config.model.decoder.sliding_window = 16
+  model_cfg, spec = train.validate_config(config)
+  mesh = sharding.make_mesh((-1, 1, 1))
+  graphdef, target = runs.abstract_params(model_cfg, mesh)
+  rng = np.random.default_rng()
+  normal = lambda x, std: jax.device_put(std * rng.standard_normal(x.shape, np.float32), x.sharding)
+  run = runs.Run(config, model_cfg, spec, graphdef, None, mesh)
+  for _ in range(10):
+    run.params = jax.tree.map(lambda x: normal(x, 0.5), target)
+    run.params["decoder"]["embedding"] = normal(target["decoder"]["embedding"], 0.05)
+    features, prefix = _inputs(run)
+    if all(len(np.unique(predict.greedy_tokens(run, features, prefix, b, NEW_TOKENS, stop_at_eos=False))) > 2
+           for b in BUDGETS):
+      return run
+  pytest.fail("no random draw gave varied greedy answers")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "bucket"))
+def _next_token(graphdef, params, features, text, text_mask, ar_mask, budgets, last, *, bucket):
+  """Greedy token after position ``last`` (b,) of a full forward pass (the training path)."""
+  logits = nnx.merge(graphdef, params).text_logits(features, text, text_mask, ar_mask,
+                                                   bucket=bucket, budgets=budgets)
+  return jnp.argmax(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], -1)
+
+
+def recompute_tokens(run, features, prefix, budget, num_tokens):
+  """Greedy decoding by re-running [visual; prefix; answer so far] every step. The text is
+  padded to one length (padding masked out), so every step shares one compiled program."""
+  b, length = prefix.shape
+  total = length + num_tokens
+  text = np.zeros((b, total), np.int32)
+  text[:, :length] = prefix
+  ar = np.arange(total)[None].repeat(b, 0) >= length
+  bucket = run.method_space().compact_bucket(budget)
+  out = []
+  for t in range(num_tokens):
+    mask = np.arange(total)[None].repeat(b, 0) < length + t
+    token = _next_token(run.graphdef, run.params, features, jnp.asarray(text), jnp.asarray(mask),
+                        jnp.asarray(ar), jnp.full((b,), budget, jnp.int32),
+                        jnp.full((b,), length + t - 1, jnp.int32), bucket=bucket)
+    text[:, length + t] = np.asarray(token)
+    out.append(np.asarray(token))
+  return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_kv_cache_equals_recompute(random_run, budget):
+  features, prefix = _inputs(random_run)
+  cached = predict.greedy_tokens(random_run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
+  assert cached.shape == (2, NEW_TOKENS)
+  np.testing.assert_array_equal(cached, recompute_tokens(random_run, features, prefix, budget, NEW_TOKENS))
+
+
+def test_prompt_layout():
+  tok = predict.prompt_tokens("where is the red square")
+  assert tok[0] == 1 and tok[-1] == 3 and len(tok) == 7        # [BOS, 5 words, SEP]
+
+
+def test_load_image_resizes_to_model_range(tmp_path):
+  rgba = np.zeros((32, 48, 4), np.uint8)
+  rgba[..., 0] = 255
+  rgba[..., 3] = 255
+  Image.fromarray(rgba, "RGBA").save(tmp_path / "red.png")
+  image = predict.load_image(str(tmp_path / "red.png"), 64)
+  assert image.shape == (64, 64, 3) and image.dtype == np.float32
+  np.testing.assert_allclose(image[..., 0], 1.0)
+  np.testing.assert_allclose(image[..., 1:], -1.0)
+  with pytest.raises(FileNotFoundError, match="missing.png"):
+    predict.load_image(str(tmp_path / "missing.png"), 64)
+
+
+def test_generate_rejects_budgets_outside_the_method(random_run):
+  with pytest.raises(ValueError, match="allowed: even integers 16..256"):
+    predict.generate(random_run, np.zeros((64, 64, 3), np.float32), "what pattern is shown", [24, 17])
+
+
+def test_cli(tiny_workdir, tmp_path):
+  example = synthetic.generate("eval", 3)
+  pixels = np.round((example.image + 1) * 127.5).clip(0, 255).astype(np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "example.png")
+  proc = run_cli("parcel_jax.predict", f"--workdir={tiny_workdir}", f"--image={tmp_path / 'example.png'}",
+                 f"--question={example.question}", "--budget=16,24")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  assert [line.split(":")[0] for line in lines] == ["budget 16", "budget 24"]
+  # An answer is tokenizer words (possibly none, if EOS comes first).
+  vocab = set(synthetic.vocabulary()) | {"<sep>", "<unk>"}
+  for line in lines:
+    assert set(line.split(":", 1)[1].split()) <= vocab
