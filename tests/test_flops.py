@@ -240,3 +240,18 @@ def test_cli_rejects_invalid_budget(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "parcel_jax.flops", f"--config={path}", "--budgets=15"],
                         cwd=REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0 and "allowed budgets" in proc.stderr
+
+
+def test_xla_forward_flops_ratio_for_the_tiny_default():
+  """XLA's count of the compiled forward vs the Appendix C model, for the embedded default.
+
+  XLA also counts norms, softmax, biases, pooling and the decoder's soft-caps (which the
+  paper omits), so the ratio sits a little above 1; a gross mismatch means a wrong formula."""
+  from configs import base
+  config = base.get_config()
+  for budget in (16, 100, 256):
+    xla = flops.xla_forward_flops(config, budget)   # fills vocab_size from the tokenizer
+    model = flops.cost(config, budget)
+    ratio = xla / model["total"]
+    print(f"\nB={budget}: XLA {xla / 1e9:.4f} GFLOPs, model {model['total'] / 1e9:.4f} GFLOPs, ratio {ratio:.3f}")
+    assert 0.95 < ratio < 1.5
