@@ -8,9 +8,13 @@ of a large jitted float32 matmul, both measured in this process, interleaved, so
 shared, noisy machine affects both alike. Prints the ratio.
 """
 
+import os
+import sys
 import time
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags

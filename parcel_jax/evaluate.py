@@ -372,14 +372,10 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-  """Only when run as a script (train.py imports this module). train.py defines its own
-  ``--workdir`` at import; ours is defined after it and replaces it in this process."""
+  """Only when run as a script (train.py imports this module)."""
   from absl import flags
 
-  from parcel_jax import train  # noqa: F401  (registers train's flags first)
-
-  flags.DEFINE_multi_string("workdir", None, "Training workdir(s); repeat for several runs.",
-                            allow_override=True)
+  flags.DEFINE_multi_string("workdir", None, "Training workdir(s); repeat for several runs.")
   flags.DEFINE_list("budgets", None, "Budgets to evaluate (default: each run's eval.budgets).")
   flags.DEFINE_string("reference", None, "Workdir of an uncompressed (method 'none') run: retention.")
   flags.DEFINE_string("out", None, "Output directory (default: FIRST_WORKDIR/budget_eval).")

@@ -327,12 +327,10 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-  """Only when run as a script; ours replace train.py's ``--workdir`` (defined at its import)."""
+  """Only when run as a script."""
   from absl import flags
 
-  from parcel_jax import train  # noqa: F401  (registers train's flags first)
-
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", allow_override=True)
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("budget", None, "Visual-token budget B.")
   flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/spectral).")

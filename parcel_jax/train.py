@@ -39,16 +39,20 @@ from parcel_jax import weights
 PREEMPTED_EXIT_CODE = 3
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/base.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval results.")
-# Multi-process (multi-host) training; see sharding.initialize_distributed.
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator service.")
-flags.DEFINE_integer("num_processes", None, "Number of JAX processes in the job.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
-                  "auto-detection (Cloud TPU pod, SLURM, Open MPI) for values not given above.")
 
+
+def _define_flags() -> None:
+  """Only when run as a script, so that importing this module (tools, benchmarks, tests)
+  registers no command-line flags."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/base.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval results.")
+  # Multi-process (multi-host) training; see sharding.initialize_distributed.
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator service.")
+  flags.DEFINE_integer("num_processes", None, "Number of JAX processes in the job.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
+                    "auto-detection (Cloud TPU pod, SLURM, Open MPI) for values not given above.")
 
 # --------------------------------------------------------------------------- config
 
@@ -418,5 +422,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
