@@ -56,7 +56,7 @@ def main(argv):
   for step in range(2000):
     bucket, _ = budgets_lib.sample_step(spec, config.seed, step, 1)
     visits[bucket] = visits.get(bucket, 0) + 1
-  total_flops = total_time = peak_time = peak_flops = 0.0
+  total_flops = total_time = peak_flops = 0.0
   print(f"{'bucket':>10} {'visits':>7} {'step ms':>9} {'GFLOP':>8} {'GFLOP/s':>9} {'matmul GFLOP/s':>15}")
   for bucket, n in sorted(visits.items()):
     budget = max(b for b in spec.budgets if spec.bucket(b) == bucket)

@@ -32,7 +32,7 @@ from parcel_jax import evaluate as evaluate_lib
 from parcel_jax import flops as flops_lib
 from parcel_jax import metrics as metrics_lib
 from parcel_jax import optim, sharding
-from parcel_jax.data import pipeline, tokenizer as tokenizer_lib
+from parcel_jax.data import pipeline
 from parcel_jax.models import vlm
 from parcel_jax import weights
 

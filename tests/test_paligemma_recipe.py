@@ -12,7 +12,6 @@ from tests import paligemma_fixtures as fx
 from tests.conftest import run_cli
 from configs.paligemma2 import m3_224, mqt_224, none_224, parcel_224, parcel_448
 from parcel_jax import train
-from parcel_jax.data import pipeline
 
 RECIPES = {"parcel_224": parcel_224, "m3_224": m3_224, "mqt_224": mqt_224, "none_224": none_224,
            "parcel_448": parcel_448}
@@ -112,7 +111,7 @@ def test_parcel_224_end_to_end_from_hf_checkpoint(tiny_world, tmp_path):
       "train.num_steps": 3, "train.batch_size": 4, "train.checkpoint_every": 2, "train.log_every": 1,
       "optim.warmup_steps": 1, "eval.num_examples": 12, "eval.batch_size": 6,
       "data.num_threads": 0, "data.max_text_len": 16, "data.max_skip_fraction": 0.25}
-  args = [f"--config=configs/paligemma2/parcel_224.py", f"--workdir={workdir}"]
+  args = ["--config=configs/paligemma2/parcel_224.py", f"--workdir={workdir}"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   out = run_cli("parcel_jax.train", *args, timeout=400)
   assert out.returncode == 0, out.stderr[-4000:]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from parcel_jax.data import pipeline
-from parcel_jax.data import synthetic
 
 
 def _cfg(**overrides):

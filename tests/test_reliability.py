@@ -1,7 +1,6 @@
 """Preemption, crashes, numerical faults and config validation lose nothing."""
 
 import glob
-import json
 import os
 import random
 import signal
