@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from parcel_jax.data.tokenizer import ids_before_eos
+
 NUM_LOC, NUM_SEG = 1024, 128
 LONG_TEXT_POLICIES = ("truncate", "reject")
 
@@ -108,13 +110,8 @@ class GemmaTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Ids up to the first EOS, skipping PAD and BOS, -> text."""
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size:
-        out.append(i)
+    out = [i for i in ids_before_eos(ids, self.eos_id, skip=(self.pad_id, self.bos_id))
+           if 0 <= i < self.vocab_size]
     if self._sp is not None:
       return self._sp.decode(out)
     return self._tok.decode(out, skip_special_tokens=False)

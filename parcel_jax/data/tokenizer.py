@@ -19,6 +19,19 @@ from parcel_jax.data import synthetic
 SPECIALS: tuple[str, ...] = ('<pad>', '<bos>', '<eos>', '<sep>', '<unk>')
 
 
+def ids_before_eos(ids: Sequence[int], eos_id: int, skip: Sequence[int] = ()) -> list[int]:
+  """The ids up to (not including) the first ``eos_id``, without those in ``skip``:
+  what every tokenizer's ``decode`` turns into text."""
+  out = []
+  for i in ids:
+    i = int(i)
+    if i == eos_id:
+      break
+    if i not in skip:
+      out.append(i)
+  return out
+
+
 class WordTokenizer:
   """Whitespace tokenizer over a fixed word list; specials take ids 0..4."""
 
@@ -41,14 +54,8 @@ class WordTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Joins words up to the first EOS, skipping PAD and BOS."""
-    words = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      if i in (self.pad_id, self.bos_id):
-        continue
-      words.append(self._id_to_word[i] if 0 <= i < self.vocab_size else '<unk>')
+    words = [self._id_to_word[i] if 0 <= i < self.vocab_size else '<unk>'
+             for i in ids_before_eos(ids, self.eos_id, skip=(self.pad_id, self.bos_id))]
     return ' '.join(words)
 
   def __repr__(self) -> str:
