@@ -236,7 +236,6 @@ class CompiledSteps:
     self._step_fn = step_fn
     self._compiled = {}
     self.flops = {}
-    self.mesh = mesh
 
   def __call__(self, params, opt_state, batch, budgets, bucket):
     if bucket not in self._compiled:

@@ -270,9 +270,10 @@ def _loss_and_grads(cfg, params, x, input_mask, ar_mask, probe):
   @jax.jit
   def loss_fn(state):
     m = nnx.merge(graphdef, state)
-    return jnp.sum(m.logits(m(x, input_mask=input_mask, ar_mask=ar_mask)) * probe)
-  loss, grads = jax.value_and_grad(loss_fn)(state)
-  return loss, nnx.to_pure_dict(grads)
+    logits = m.logits(m(x, input_mask=input_mask, ar_mask=ar_mask))
+    return jnp.sum(logits * probe), logits
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
+  return loss, logits, nnx.to_pure_dict(grads)
 
 
 @pytest.mark.parametrize("base, variants", [
@@ -288,14 +289,19 @@ def test_scan_and_remat_match_unrolled(base, variants):
   ar_mask = jnp.asarray(np.broadcast_to(np.arange(s) >= 8, (b, s)))
   probe = jnp.asarray(rng.normal(size=(b, s, base.vocab_size)), jnp.float32)
   ref_params = nnx.to_pure_dict(nnx.state(gemma.Decoder(base, rngs=nnx.Rngs(0)), nnx.Param))
-  ref_loss, ref_grads = _loss_and_grads(base, ref_params, x, input_mask, ar_mask, probe)
+  ref_loss, ref_logits, ref_grads = _loss_and_grads(base, ref_params, x, input_mask, ar_mask, probe)
+  # The probe loss is a sum of ~1e3 terms of both signs, so it can be far smaller than
+  # its terms: bound its error by the terms' magnitude (float32 summation order differs
+  # under scan), and compare logits and gradients element-wise in relative norm.
+  loss_scale = float(jnp.sum(jnp.abs(ref_logits * probe)))
   for scan, remat in variants:
     cfg = dataclasses.replace(base, scan=scan, remat=remat)
     params = gemma.to_scanned(ref_params, cfg) if scan else ref_params
-    loss, grads = _loss_and_grads(cfg, params, x, input_mask, ar_mask, probe)
+    loss, logits, grads = _loss_and_grads(cfg, params, x, input_mask, ar_mask, probe)
     if scan:
       grads = gemma.from_scanned(grads, cfg)
-    assert rel_err(loss, ref_loss) <= 1e-5, (scan, remat)
+    assert abs(float(loss - ref_loss)) <= 1e-5 * loss_scale, (scan, remat)
+    assert rel_err(logits, ref_logits) <= 1e-5, (scan, remat)
     assert rel_err(grads, ref_grads) <= 1e-5, (scan, remat)
 
 
