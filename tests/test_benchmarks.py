@@ -1,0 +1,57 @@
+"""Smoke tests: every script under benchmarks/ runs end to end at tiny sizes and prints its
+ratio line (the numbers themselves are machine-dependent and not checked against targets)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.util import cli_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = r"([0-9]+\.[0-9]+)"
+# Pure pooling budgets (no query path): one small train-step program per budget.
+TINY = {"data.num_threads": 2}
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 240) -> str:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+  out = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+def test_budget_scaling():
+  out = run_benchmark("budget_scaling.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16, 64)}),
+                      "--budgets=16,64", "--repeats=1", "--draws=20",
+                      "--prefill_batch=2", "--prefix_len=8")
+  m = re.search(rf"B=16 vs B=64: train step time ratio {NUMBER} \(XLA FLOPs {NUMBER}, model {NUMBER}\); "
+                rf"prefill time ratio {NUMBER} \(XLA FLOPs {NUMBER}, model {NUMBER}\)", out)
+  assert m, out
+  assert all(float(x) > 0 for x in m.groups())
+  assert float(m.group(3)) < 1 and float(m.group(6)) < 1  # fewer tokens cost fewer FLOPs
+  # Two budgets in the space, one bucket each: the sampler draws both, two programs.
+  assert "distinct budgets drawn: 2 (of 2 in the space); compiled train-step programs: 2" in out, out
+
+
+def test_input_pipeline():
+  out = run_benchmark("input_pipeline.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16,)}),
+                      "--repeats=1", "--batches=2", "--sample_steps=20")
+  m = re.search(rf"ratio \(pipeline / train step\): {NUMBER}x \(target >= 5x: (met|NOT met)\)", out)
+  assert m and float(m.group(1)) > 0, out
+  assert "num_threads 2" in out
+
+
+def test_vs_transformers():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  out = run_benchmark("vs_transformers.py", "--image_size=28", "--patch_size=7", "--vision_width=32",
+                      "--vision_depth=1", "--text_width=32", "--text_depth=1", "--head_dim=8",
+                      "--vocab=300", "--batch=2", "--prefix_len=5", "--new_tokens=3", "--repeats=1")
+  m = re.search(rf"ratio \(torch / ours\): forward {NUMBER}x, generate {NUMBER}x", out)
+  assert m and all(float(x) > 0 for x in m.groups()), out
+  err = re.search(r"logits rel err ([0-9.e+-]+); generated tokens equal: True \(6/6\)", out)
+  assert err and float(err.group(1)) < 1e-4, out  # same weights, same outputs
