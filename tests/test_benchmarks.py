@@ -55,3 +55,13 @@ def test_vs_transformers():
   assert m and all(float(x) > 0 for x in m.groups()), out
   err = re.search(r"logits rel err ([0-9.e+-]+); generated tokens equal: True \(6/6\)", out)
   assert err and float(err.group(1)) < 1e-4, out  # same weights, same outputs
+
+
+def test_profile_step():
+  out = run_benchmark("profile_step.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16,)}),
+                      "--budget=16", "--steps=1", "--top=3")
+  shares = dict(re.findall(r"^  (matmul|layout copy|elementwise / reduce)\s+[0-9.]+ ms\s+([0-9.]+) %$",
+                           out, re.M))
+  assert "matmul" in shares, out
+  assert abs(sum(float(v) for v in shares.values()) - 100) < 0.5, out  # categories partition op time
+  assert re.search(r"^budget 16 \(.*\), batch \d+: \d+ ms/step wall", out, re.M), out
