@@ -114,6 +114,44 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+  """A read-only manager of ``workdir``'s checkpoints; FileNotFoundError naming what is missing."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {os.path.abspath(workdir)} does not exist")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {os.path.abspath(workdir)}: {directory} does not "
+                            "exist (train with python -m parcel_jax.train --workdir=...)")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def _restore_config(manager: ocp.CheckpointManager, step: int | None) -> tuple[int, dict]:
+  """(step, the config saved with it as a plain dict); ``step`` None: the latest."""
+  directory = str(manager.directory)
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"{directory} has no checkpoint at step {step}; complete steps: {sorted(steps)}")
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  return int(step), saved
+
+
+def saved_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """The config ``workdir``'s checkpoint ``step`` (default: the latest) was saved with, as a
+  plain dict, without building the model or reading any array (reports, checks).
+
+  Raises:
+    FileNotFoundError: as ``load_run``.
+  """
+  manager = _checkpoint_manager(workdir)
+  try:
+    return _restore_config(manager, step)
+  finally:
+    manager.close()
+
+
 def load_run(workdir: str, step: int | None = None) -> Run:
   """Restores the parameters of ``workdir``'s checkpoint ``step`` (default: the latest).
 
@@ -121,21 +159,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     FileNotFoundError: naming the path, when the workdir, its checkpoints or the step
       are missing.
   """
+  manager = _checkpoint_manager(workdir)
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {os.path.abspath(workdir)} does not exist")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {os.path.abspath(workdir)}: {directory} does not "
-                            "exist (train with python -m parcel_jax.train --workdir=...)")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   try:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{directory} holds no complete checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"{directory} has no checkpoint at step {step}; complete steps: {sorted(steps)}")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    step, saved = _restore_config(manager, step)
     config = ml_collections.ConfigDict(saved)
     model_cfg, spec = train_lib.validate_config(config)
     mesh = _mesh(config)
