@@ -36,7 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.depth = 2
   c.model.vision.mlp_dim = 256
   c.model.vision.num_heads = 4
-  c.model.vision.posemb = "learn"  # learn | sincos2d
+  c.model.vision.posemb = "sincos2d"  # learn | sincos2d (fixed codes: position is readable from step 0)
+  c.model.vision.center_input = True  # subtract each image's mean colour (a from-scratch ViT otherwise
+                                   # spends hundreds of steps learning to ignore the background cast)
   c.model.vision.scan = False      # scan over layers (one compiled layer)
   c.model.vision.remat = "none"    # none | full | dots: rematerialisation policy
 

@@ -65,6 +65,18 @@ def test_shapes_and_finite(posemb):
   assert has_table == (posemb == "learn")
 
 
+def test_center_input_ignores_a_per_image_colour_cast():
+  rng = np.random.default_rng()
+  images = jnp.asarray(rng.uniform(-0.5, 0.5, (3, 64, 64, 3)), jnp.float32)
+  cast = jnp.asarray(rng.uniform(-0.4, 0.4, (3, 1, 1, 3)), jnp.float32)  # one colour per image
+  centred = vit.ViT(vit.vit_config("tiny", center_input=True), rngs=nnx.Rngs(0))
+  assert_rel_close(_apply(centred, images + cast), _apply(centred, images), tol=1e-5)
+  # Off (pretrained SigLIP's raw pixels): the cast changes the features.
+  raw = vit.ViT(vit.vit_config("tiny", center_input=False), rngs=nnx.Rngs(0))
+  diff = jnp.max(jnp.abs(_apply(raw, images + cast) - _apply(raw, images)))
+  assert diff > 1e-2
+
+
 def test_bad_image_shape_names_expected_shape():
   model = vit.ViT(vit.vit_config("tiny"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"\(batch, 64, 64, 3\)"):

@@ -128,7 +128,7 @@ def test_config_from_hf_gemma2(gemma2_ckpt):
   assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))  # sharded
   o = hf.config_from_hf(path)
   assert o["vision"] == dict(image_size=28, patch_size=7, width=32, depth=2, mlp_dim=64,
-                             num_heads=4, posemb="learn")
+                             num_heads=4, posemb="learn", center_input=False)
   d = o["decoder"]
   assert (d["vocab_size"], d["width"], d["depth"], d["num_heads"], d["num_kv_heads"], d["head_dim"]) == \
       (300, 48, 2, 4, 2, 16)

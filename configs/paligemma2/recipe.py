@@ -49,6 +49,7 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   v.mlp_dim = 4304
   v.num_heads = 16
   v.posemb = "learn"
+  v.center_input = False             # SigLIP was pretrained on raw [-1, 1] pixels
   v.scan = True
   v.remat = "full"
 

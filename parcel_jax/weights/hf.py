@@ -165,7 +165,7 @@ def config_from_hf(config: str | Mapping[str, Any]) -> dict[str, dict[str, Any]]
       image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
       width=int(vision["hidden_size"]), depth=int(vision["num_hidden_layers"]),
       mlp_dim=int(vision["intermediate_size"]), num_heads=int(vision["num_attention_heads"]),
-      posemb="learn")
+      posemb="learn", center_input=False)  # SigLIP sees raw [-1, 1] pixels
   return {"vision": vision_out, "decoder": decoder}
 
 
