@@ -22,8 +22,8 @@ from ml_collections import config_flags
 
 from parcel_jax import budgets as budgets_lib
 from parcel_jax import flops as flops_lib
-from parcel_jax import sharding, train
-from parcel_jax.data import pipeline
+
+import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per bucket.")
@@ -43,14 +43,9 @@ def time_matmul(size: int) -> float:
 def main(argv):
   del argv
   config = FLAGS.config
-  model_cfg, spec = train.validate_config(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  graphdef, tx, params, opt_state = train.init_state(model_cfg, config.optim, 100, mesh, config.seed)
-  batch = next(iter(pipeline.build_train_dataset(config.data, seed=0,
-                                                 global_batch_size=config.train.batch_size)))
-  batch.pop("family")
-  jitted = jax.jit(train.make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps),
-                   static_argnames="bucket", donate_argnums=(0, 1))
+  setup = common.train_step_setup(config)
+  spec, params, opt_state, batch, jitted = (setup.spec, setup.params, setup.opt_state,
+                                            setup.batch, setup.step)
   # How often training visits each bucket (the sampler over 2000 steps).
   visits = {}
   for step in range(2000):

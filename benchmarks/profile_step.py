@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from parcel_jax import sharding, train
-from parcel_jax.data import pipeline
+
+import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to profile.")
 flags.DEFINE_integer("budget", 256, "Visual-token budget (selects the bucket).")
@@ -69,16 +69,11 @@ def category(kind: str) -> str:
 def main(argv):
   del argv
   config = FLAGS.config
-  model_cfg, spec = train.validate_config(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  graphdef, tx, params, opt_state = train.init_state(model_cfg, config.optim, 100, mesh, config.seed)
-  batch = next(iter(pipeline.build_train_dataset(config.data, seed=0,
-                                                 global_batch_size=config.train.batch_size)))
-  batch.pop("family")
+  setup = common.train_step_setup(config)
+  spec, params, opt_state, batch, step = (setup.spec, setup.params, setup.opt_state,
+                                          setup.batch, setup.step)
   budget = spec.budgets[-1] if FLAGS.budget not in spec.budgets else FLAGS.budget
   bucket, budgets = spec.bucket(budget), jnp.full((config.train.batch_size,), budget, jnp.int32)
-  step = jax.jit(train.make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps),
-                 static_argnames="bucket", donate_argnums=(0, 1))
   params, opt_state, metrics = step(params, opt_state, batch, budgets, bucket=bucket)
   jax.block_until_ready(metrics)  # compile outside the trace
   with tempfile.TemporaryDirectory() as trace_dir:

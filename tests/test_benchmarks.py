@@ -65,3 +65,10 @@ def test_profile_step():
   assert "matmul" in shares, out
   assert abs(sum(float(v) for v in shares.values()) - 100) < 0.5, out  # categories partition op time
   assert re.search(r"^budget 16 \(.*\), batch \d+: \d+ ms/step wall", out, re.M), out
+
+
+def test_mfu():
+  out = run_benchmark("mfu.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16,)}),
+                      "--repeats=1", "--matmul_size=256")
+  m = re.search(rf"MFU ratio \(train step / matmul\): {NUMBER}", out)
+  assert m and 0 < float(m.group(1)) < 1.5, out  # a ratio of measured rates, not a constant
