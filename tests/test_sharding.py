@@ -115,12 +115,17 @@ def _multi_device_body() -> dict:
   from tests.test_accumulation import Stepper, compare, first_batch, tiny_config
 
   assert jax.device_count() == 8, jax.devices()
-  config = tiny_config()
+  # Raw pixels: with the default's per-image centring, the patch kernel's gradient at init is
+  # a sum of large terms that cancel to ~1e-3 of the global gradient norm, so a different
+  # summation order (the batch split over devices) moves it by ~4e-4 relative -- float noise
+  # on an ill-conditioned leaf, not a sharding error. Centring has its own test (test_vit).
+  raw = {"model.vision.center_input": False}
+  config = tiny_config(**raw)
   data = first_batch(config)
   reference = Stepper(config, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))(data)
   out = {}
   for name, (shape, accum) in MESHES.items():
-    cfg = tiny_config(**{"mesh.shape": shape, "optim.grad_accum_steps": accum})
+    cfg = tiny_config(**raw, **{"mesh.shape": shape, "optim.grad_accum_steps": accum})
     result = Stepper(cfg, sharding.make_mesh(shape))(data)
     out[name] = {"errors": compare(result, reference),
                  **{k: result[k] for k in ("specs", "shapes", "shard_shapes")}}
