@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from parcel_jax.data.tokenizer import ids_before_eos
+from parcel_jax.data.tokenizer import ids_before_eos, prefix_lm_arrays
 
 NUM_LOC, NUM_SEG = 1024, 128
 LONG_TEXT_POLICIES = ("truncate", "reject")
@@ -152,16 +152,5 @@ def layout_example(tokenizer, prefix: str, suffix: str, max_len: int,
       raise TextTooLong(f"needs {n} tokens (prefix {len(head)} with BOS and separator, suffix "
                         f"{len(tail)} with EOS) but data.max_text_len is {max_len}"
                         + ("" if long_text == "reject" else "; the prefix alone does not fit"))
-    tail = tail[:max_len - len(head)]
-    n, truncated = max_len, True
-  text = np.full(max_len, tokenizer.pad_id, np.int32)
-  text[:n] = head + tail
-  pos = np.arange(max_len)
-  start = len(head)  # first suffix token
-  return {
-      "text": text,
-      "text_mask": pos < n,
-      "ar_mask": (pos >= start) & (pos < n),
-      "targets": np.append(text[1:], np.int32(tokenizer.pad_id)),
-      "loss_mask": (pos >= start - 1) & (pos < n - 1),
-  }, truncated
+    tail, truncated = tail[:max_len - len(head)], True
+  return prefix_lm_arrays(head, tail, max_len, tokenizer.pad_id), truncated

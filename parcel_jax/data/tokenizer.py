@@ -74,19 +74,27 @@ def encode_example(tokenizer: WordTokenizer, question: str, answer: str,
   bool. Raises ValueError if the example needs more than ``max_len`` tokens.
   """
   q, a = tokenizer.encode(question), tokenizer.encode(answer)
-  ids = [tokenizer.bos_id, *q, tokenizer.sep_id, *a, tokenizer.eos_id]
-  n = len(ids)
+  n = len(q) + len(a) + 3
   if n > max_len:
     raise ValueError(f'example needs {n} tokens (question {len(q)} + answer {len(a)} + 3 '
                      f'specials) but max_len is {max_len}: {question!r} -> {answer!r}')
-  text = np.full(max_len, tokenizer.pad_id, np.int32)
-  text[:n] = ids
+  # The suffix starts at the first answer token (or EOS if the answer is empty).
+  return prefix_lm_arrays([tokenizer.bos_id, *q, tokenizer.sep_id], [*a, tokenizer.eos_id],
+                          max_len, tokenizer.pad_id)
+
+
+def prefix_lm_arrays(prefix_ids: Sequence[int], suffix_ids: Sequence[int], max_len: int,
+                     pad_id: int) -> dict[str, np.ndarray]:
+  """The layout in the module docstring for ``prefix_ids`` (BOS .. SEP) followed by
+  ``suffix_ids`` (.. EOS), which together fit in ``max_len``; arrays of shape (max_len,)."""
+  n, start = len(prefix_ids) + len(suffix_ids), len(prefix_ids)
+  text = np.full(max_len, pad_id, np.int32)
+  text[:n] = [*prefix_ids, *suffix_ids]
   pos = np.arange(max_len)
-  suffix_start = len(q) + 2  # first answer token (or EOS if the answer is empty)
   return {
       'text': text,
       'text_mask': pos < n,
-      'ar_mask': (pos >= suffix_start) & (pos < n),
-      'targets': np.append(text[1:], np.int32(tokenizer.pad_id)),
-      'loss_mask': (pos >= suffix_start - 1) & (pos < n - 1),
+      'ar_mask': (pos >= start) & (pos < n),
+      'targets': np.append(text[1:], np.int32(pad_id)),
+      'loss_mask': (pos >= start - 1) & (pos < n - 1),
   }
