@@ -72,3 +72,21 @@ def test_mfu():
                       "--repeats=1", "--matmul_size=256")
   m = re.search(rf"MFU ratio \(train step / matmul\): {NUMBER}", out)
   assert m and 0 < float(m.group(1)) < 1.5, out  # a ratio of measured rates, not a constant
+
+
+def test_config_speed():
+  out = run_benchmark("config_speed.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16,)}),
+                      "--budgets=16", "--repeats=1",
+                      "--variant=model.vision.num_heads=1,model.connector.num_heads=1")
+  rows = re.findall(rf"^  variant (\d): B=16:\s+{NUMBER}", out, re.M)
+  assert [k for k, _ in rows] == ["0", "1"] and all(float(ms) > 0 for _, ms in rows), out
+  m = re.search(rf"ratio variant 1 / variant 0: B=16 {NUMBER}x", out)
+  assert m and abs(float(m.group(1)) - float(rows[1][1]) / float(rows[0][1])) < 0.05, out
+
+
+def test_config_speed_rejects_unknown_field():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, os.path.join("benchmarks", "config_speed.py"),
+                        "--variant=model.vision.heads=1"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "model.vision.heads" in out.stderr, out.stderr[-2000:]
