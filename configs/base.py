@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.width = 64
   c.model.vision.depth = 2
   c.model.vision.mlp_dim = 256
-  c.model.vision.num_heads = 1    # one wide head: at widths this small the per-head attention
+  c.model.vision.num_heads = 2    # few, wide heads: at widths this small the per-head attention
                                    # maps (masks, softmax, layout copies) cost more than the matmuls
   c.model.vision.posemb = "sincos2d"  # learn | sincos2d (fixed codes: position is readable from step 0)
   c.model.vision.center_input = True  # subtract each image's mean colour (a from-scratch ViT otherwise
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.connector.key_pos = "sincos2d"      # position code on cross-attention keys: sincos2d | learned | none
   c.model.connector.anchor_pos = "sincos2d"   # position code on anchors inside self-attention: sincos2d | none
   c.model.connector.output_norm = True        # LayerNorm on emitted queries (scale of the ViT features)
-  c.model.connector.num_heads = 1             # paper: 12 at width 1152; the width is the ViT width
+  c.model.connector.num_heads = 2             # paper: 12 at width 1152; the width is the ViT width
   c.model.connector.mlp_dim = 256             # paper: 4304; one MLP on the query tokens
   c.model.connector.bank_size = 0             # 0: what the budget space needs (parcel 192, mqt 256)
   c.model.connector.query_init_std = 0.02
@@ -65,9 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.decoder.width = 64
   c.model.decoder.depth = 2
   c.model.decoder.mlp_dim = 256
-  c.model.decoder.num_heads = 1
+  c.model.decoder.num_heads = 2
   c.model.decoder.num_kv_heads = 1  # grouped-query attention (num_heads / num_kv_heads query heads per KV head)
-  c.model.decoder.head_dim = 64
+  c.model.decoder.head_dim = 32
   c.model.decoder.post_norms = True     # Gemma-2 post-attention / post-MLP norms
   c.model.decoder.attn_softcap = 50.0   # Gemma-2 attention-logit soft-cap; 0 = off
   c.model.decoder.final_softcap = 30.0  # Gemma-2 final-logit soft-cap; 0 = off
@@ -110,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
-  c.train.num_steps = 2200
+  c.train.num_steps = 1900
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
