@@ -1,0 +1,93 @@
+"""Train-step time of config variants, side by side, as ratios to the first.
+
+    python benchmarks/config_speed.py \
+        --variant="model.vision.num_heads=4,model.connector.num_heads=4,model.decoder.num_heads=4,model.decoder.num_kv_heads=2,model.decoder.head_dim=16"
+
+Variant 0 is ``--config`` as given; each ``--variant`` is a comma-separated list of
+``dotted.field=value`` overrides on top of it. Every variant's jitted train step is
+compiled for each budget's bucket, then timed in interleaved rounds (one step of every
+variant and budget per round), so a shared, noisy machine slows all of them alike.
+This is the measurement behind the default's head counts (README, "Status").
+"""
+
+import ast
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+
+import jax  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
+
+config_flags.DEFINE_config_file("config", "configs/base.py", "Config of variant 0.")
+flags.DEFINE_multi_string("variant", [], "Comma-separated dotted.field=value overrides; repeatable.")
+flags.DEFINE_list("budgets", ["16", "64", "256"], "Budgets to time (one bucket each).")
+flags.DEFINE_integer("repeats", 3, "Timed rounds.")
+FLAGS = flags.FLAGS
+
+
+def with_overrides(config, spec: str):
+  """A copy of ``config`` with ``spec`` ('a.b=1,c.d=x') applied; unknown fields raise."""
+  config = config.copy_and_resolve_references()
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    path, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--variant item {item!r} is not dotted.field=value")
+    *parents, leaf = path.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise ValueError(f"--variant field {path!r} is not in the config")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[leaf] = value
+  return config
+
+
+def main(argv):
+  del argv
+  specs = [""] + list(FLAGS.variant)
+  budgets = [int(b) for b in FLAGS.budgets]
+  configs = [with_overrides(FLAGS.config, s) for s in specs]   # bad fields fail before compiling
+  setups = [common.train_step_setup(c) for c in configs]
+  batch_size = FLAGS.config.train.batch_size
+
+  def one_step(k: int, budget: int) -> float:
+    s = setups[k]
+    bucket = s.spec.bucket(budget)
+    start = time.perf_counter()
+    s.params, s.opt_state, _ = s.step(s.params, s.opt_state, s.batch,
+                                      jnp.full((batch_size,), budget, jnp.int32), bucket=bucket)
+    jax.block_until_ready(s.params)
+    return time.perf_counter() - start
+
+  for k in range(len(specs)):        # compile every (variant, bucket) program outside the timing
+    for b in budgets:
+      one_step(k, b)
+  times = np.zeros((len(specs), len(budgets), FLAGS.repeats))
+  for r in range(FLAGS.repeats):
+    for k in range(len(specs)):
+      for j, b in enumerate(budgets):
+        times[k, j, r] = one_step(k, b)
+  ms = 1e3 * np.median(times, axis=-1)
+
+  print(f"train step, batch {batch_size}, median of {FLAGS.repeats} interleaved rounds (ms):")
+  for k, spec in enumerate(specs):
+    cells = "  ".join(f"B={b}: {ms[k, j]:7.1f}" for j, b in enumerate(budgets))
+    print(f"  variant {k}: {cells}   {spec or '(the config as given)'}")
+  for k in range(1, len(specs)):
+    ratios = ", ".join(f"B={b} {ms[k, j] / ms[0, j]:.2f}x" for j, b in enumerate(budgets))
+    print(f"ratio variant {k} / variant 0: {ratios}")
+
+
+if __name__ == "__main__":
+  app.run(main)
