@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.width = 64
   c.model.vision.depth = 2
   c.model.vision.mlp_dim = 256
-  c.model.vision.num_heads = 2    # few, wide heads: at widths this small the per-head attention
+  c.model.vision.num_heads = 2     # few, wide heads: at widths this small the per-head attention
                                    # maps (masks, softmax, layout copies) cost more than the matmuls
   c.model.vision.posemb = "sincos2d"  # learn | sincos2d (fixed codes: position is readable from step 0)
   c.model.vision.center_input = True  # subtract each image's mean colour (a from-scratch ViT otherwise
