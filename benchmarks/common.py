@@ -1,4 +1,4 @@
-"""Set-up shared by the train-step benchmarks (mfu.py, profile_step.py)."""
+"""Set-up shared by the train-step benchmarks (mfu.py, profile_step.py, config_speed.py)."""
 
 import dataclasses
 from typing import Any, Callable

@@ -90,3 +90,18 @@ def test_config_speed_rejects_unknown_field():
                         "--variant=model.vision.heads=1"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "model.vision.heads" in out.stderr, out.stderr[-2000:]
+
+
+def test_config_speed_variant_overrides_apply():
+  # The override parser must not depend on what is on the process's command line.
+  code = ("import sys; sys.path.insert(0, 'benchmarks'); import config_speed as cs; "
+          "from configs import base; b = base.get_config(); "
+          "c = cs.with_overrides(b, 'model.vision.num_heads=4, optim.lr=3e-3,"
+          "model.connector.method=m3'); "
+          "print(c.model.vision.num_heads, c.optim.lr, c.model.connector.method, "
+          "b.to_dict() == base.get_config().to_dict())")  # the input config is not modified
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["4", "0.003", "m3", "True"], out.stdout
