@@ -52,14 +52,14 @@ def main(argv):
   budgets = [int(b) for b in FLAGS.budgets]
   configs = [with_overrides(FLAGS.config, s) for s in specs]   # bad fields fail before compiling
   setups = [common.train_step_setup(c) for c in configs]
-  batch_size = FLAGS.config.train.batch_size
+  batch_sizes = [c.train.batch_size for c in configs]   # a variant may change it
 
   def one_step(k: int, budget: int) -> float:
     s = setups[k]
     bucket = s.spec.bucket(budget)
     start = time.perf_counter()
     s.params, s.opt_state, _ = s.step(s.params, s.opt_state, s.batch,
-                                      jnp.full((batch_size,), budget, jnp.int32), bucket=bucket)
+                                      jnp.full((batch_sizes[k],), budget, jnp.int32), bucket=bucket)
     jax.block_until_ready(s.params)
     return time.perf_counter() - start
 
@@ -73,13 +73,17 @@ def main(argv):
         times[k, j, r] = one_step(k, b)
   ms = 1e3 * np.median(times, axis=-1)
 
-  print(f"train step, batch {batch_size}, median of {FLAGS.repeats} interleaved rounds (ms):")
+  print(f"train step, median of {FLAGS.repeats} interleaved rounds (ms):")
   for k, spec in enumerate(specs):
     cells = "  ".join(f"B={b}: {ms[k, j]:7.1f}" for j, b in enumerate(budgets))
-    print(f"  variant {k}: {cells}   {spec or '(the config as given)'}")
+    print(f"  variant {k} (batch {batch_sizes[k]}): {cells}   {spec or '(the config as given)'}")
   for k in range(1, len(specs)):
     ratios = ", ".join(f"B={b} {ms[k, j] / ms[0, j]:.2f}x" for j, b in enumerate(budgets))
     print(f"ratio variant {k} / variant 0: {ratios}")
+    if batch_sizes[k] != batch_sizes[0]:   # what a fixed number of examples costs
+      per_example = ", ".join(f"B={b} {ms[k, j] / batch_sizes[k] / (ms[0, j] / batch_sizes[0]):.2f}x"
+                              for j, b in enumerate(budgets))
+      print(f"  per example, variant {k} / variant 0: {per_example}")
 
 
 if __name__ == "__main__":

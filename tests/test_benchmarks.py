@@ -75,13 +75,21 @@ def test_mfu():
 
 
 def test_config_speed():
+  # Variant 2 changes the batch size: each variant's step gets its own batch and budgets.
   out = run_benchmark("config_speed.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16,)}),
                       "--budgets=16", "--repeats=1",
-                      "--variant=model.vision.num_heads=1,model.connector.num_heads=1")
-  rows = re.findall(rf"^  variant (\d): B=16:\s+{NUMBER}", out, re.M)
-  assert [k for k, _ in rows] == ["0", "1"] and all(float(ms) > 0 for _, ms in rows), out
-  m = re.search(rf"ratio variant 1 / variant 0: B=16 {NUMBER}x", out)
-  assert m and abs(float(m.group(1)) - float(rows[1][1]) / float(rows[0][1])) < 0.05, out
+                      "--variant=model.vision.num_heads=1,model.connector.num_heads=1",
+                      "--variant=train.batch_size=2")
+  rows = re.findall(rf"^  variant (\d) \(batch (\d+)\): B=16:\s+{NUMBER}", out, re.M)
+  assert [k for k, _, _ in rows] == ["0", "1", "2"] and all(float(ms) > 0 for _, _, ms in rows), out
+  assert rows[2][1] == "2" and rows[0][1] == rows[1][1] != "2", out
+  for k in (1, 2):
+    m = re.search(rf"ratio variant {k} / variant 0: B=16 {NUMBER}x", out)
+    assert m and abs(float(m.group(1)) - float(rows[k][2]) / float(rows[0][2])) < 0.05, out
+  m = re.search(rf"per example, variant 2 / variant 0: B=16 {NUMBER}x", out)
+  ratio = float(rows[2][2]) / 2 / (float(rows[0][2]) / int(rows[0][1]))
+  assert m and abs(float(m.group(1)) - ratio) < 0.05 * max(1.0, ratio), out
+  assert "per example, variant 1" not in out, out   # same batch: step ratio is the per-example one
 
 
 def test_config_speed_rejects_unknown_field():
