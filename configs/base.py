@@ -90,6 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.train_size = 1_000_000      # distinct procedurally generated training examples
   c.data.eval_size = 1024            # eval examples (a separate stream)
   c.data.families = ()               # () = all task families
+  c.data.family_weights = ()         # training mixture, one weight per family in data.families
+                                     # order (() = uniform); the eval stream stays uniform
   c.data.max_text_len = 16           # prefix + suffix tokens, padded
   c.data.num_threads = 2             # Grain prefetch threads; 0 = synchronous
 

@@ -199,7 +199,7 @@ def _check_eval_streams(runs: list[dict], warnings: list[str]) -> None:
   streams: dict[str, list[str]] = {}
   for r in runs:
     if r["config"] is not None:
-      key = evaluate_lib._eval_key(ml_collections.ConfigDict(r["config"]))
+      key = evaluate_lib.eval_stream_key(ml_collections.ConfigDict(r["config"]))
       streams.setdefault(key, []).append(r["name"])
   if len(streams) > 1:
     groups = "; ".join(f"{', '.join(names)}: {key}" for key, names in streams.items())

@@ -199,10 +199,11 @@ def run_budgets(run, requested=None) -> tuple[budgets_lib.BudgetSpec, tuple[int,
 
 
 # Data fields that do not change which examples the eval stream holds.
-_NOT_EVAL_STREAM = ("num_threads", "train_size", "eval_size", "train_path", "train_split")
+_NOT_EVAL_STREAM = ("num_threads", "train_size", "eval_size", "train_path", "train_split",
+                    "family_weights")
 
 
-def _eval_key(config) -> str:
+def eval_stream_key(config) -> str:
   """The data config minus fields that leave the eval stream unchanged, as JSON: runs with
   equal keys see the same examples (retention is only meaningful then)."""
   data = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_EVAL_STREAM}
@@ -304,10 +305,10 @@ def evaluate_workdirs(workdirs, *, budgets=None, reference: str | None = None,
   loaded = [runs.load_run(w) for w in workdirs]
   ref_run = runs.load_run(reference) if reference else None
   num_examples = num_examples or loaded[0].config.eval.num_examples
-  key = _eval_key(loaded[0].config)
+  key = eval_stream_key(loaded[0].config)
   for r in loaded + ([ref_run] if ref_run else []):
-    if _eval_key(r.config) != key:
-      raise ValueError(f"{r.workdir} has a different eval stream (data config {_eval_key(r.config)}) "
+    if eval_stream_key(r.config) != key:
+      raise ValueError(f"{r.workdir} has a different eval stream (data config {eval_stream_key(r.config)}) "
                        f"than {loaded[0].workdir} ({key}): scores would not be comparable")
 
   report = {"num_examples": num_examples, "reference": None, "runs": []}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from parcel_jax.data import pipeline
+from parcel_jax.data import synthetic as syn
 
 
 def _cfg(**overrides):
@@ -113,8 +114,22 @@ def test_config_errors_name_the_field():
     pipeline.build_source(_cfg(families=('grounding', 'colour')), 'eval')
   with pytest.raises(ValueError, match='data.eval_size'):
     pipeline.build_eval_dataset(_cfg(), batch_size=4, num_examples=38)
+  with pytest.raises(ValueError, match='data.family_weights'):
+    pipeline.build_source(_cfg(family_weights=(1.0, 2.0)), 'eval')
   # () and None both mean every family.
   assert pipeline.build_source(_cfg(families=()), 'eval').families is None
+
+
+def test_family_weights_apply_to_training_only():
+  cfg = _cfg(family_weights=(0, 0, 1, 0, 0))
+  train = pipeline.build_source(cfg, 'train')
+  assert {syn.FAMILIES[int(train[i]['family'])] for i in range(40)} == {'detail'}
+  weighted, uniform = pipeline.build_source(cfg, 'eval'), pipeline.build_source(_cfg(), 'eval')
+  assert weighted.family_weights is None
+  for i in range(20):  # the eval stream is the uniform one, example for example
+    a, b = weighted[i], uniform[i]
+    assert (a['question'], a['answer']) == (b['question'], b['answer'])
+    np.testing.assert_array_equal(a['image'], b['image'])
 
 
 @pytest.mark.parametrize('process_count,num_examples', [(1, None), (3, None), (2, 20)])

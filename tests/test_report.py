@@ -176,8 +176,10 @@ def test_report_labels_from_saved_configs_and_checks_eval_streams(tmp_path, rng,
   write_run(root, "method=none,seed=0", eval_json(gen, "none", (256,)), base.get_config("none"))
   specialist = base.get_config("m3")
   specialist.model.connector.budgets = (16,)
-  for seed in (0, 1):
-    write_run(root, f"optim.lr=0.001,seed={seed}", eval_json(gen, "m3", (16,)), specialist)
+  reweighted = specialist.copy_and_resolve_references()
+  reweighted.data.family_weights = (2.0, 1.0, 1.0, 1.0, 1.0)  # training mixture only
+  for seed, cfg in ((0, specialist), (1, reweighted)):
+    write_run(root, f"optim.lr=0.001,seed={seed}", eval_json(gen, "m3", (16,)), cfg)
   other = base.get_config("parcel")
   other.data.max_text_len = 20
   write_run(root, "sub/lr=0.01,seed=0", eval_json(gen, "parcel", (16, 64)), other)
@@ -191,6 +193,8 @@ def test_report_labels_from_saved_configs_and_checks_eval_streams(tmp_path, rng,
   assert summary["variants"]["sub/lr=0.01"]["trained_budgets"] == []
   assert summary["variants"]["sub/lr=0.01"]["missing_seeds"] == [1]
   assert any("different eval streams" in w and "sub/lr=0.01,seed=0" in w for w in summary["warnings"])
+  stream_warning, = [w for w in summary["warnings"] if "different eval streams" in w]
+  assert stream_warning.count("; ") == 1, stream_warning  # two streams: family_weights is train-only
   assert "different eval streams" in capsys.readouterr().out
 
 

@@ -48,6 +48,29 @@ def test_families_roughly_uniform_and_restrictable():
   assert syn.generate('train', 5, families=()).layout == syn.generate('train', 5).layout
 
 
+def test_family_weights_skew_the_mixture():
+  n = 2000
+  weights = (3, 1, 1, 0, 1)  # grounding 1/2, counting never
+  counts = collections.Counter(syn.generate('train', i, family_weights=weights).family
+                               for i in range(n))
+  assert counts['counting'] == 0 and set(counts) == set(syn.FAMILIES) - {'counting'}
+  assert abs(counts['grounding'] / n - 0.5) < 0.05, counts  # binomial sd ~ 0.011
+  for family in ('relation', 'detail', 'mixed'):
+    assert abs(counts[family] / n - 1 / 6) < 0.04, counts
+  # With a family subset the weights follow its order.
+  only = collections.Counter(syn.generate('train', i, families=('detail', 'mixed'),
+                                          family_weights=(0, 1)).family for i in range(50))
+  assert only == {'mixed': 50}
+  # Examples stay pure functions of (split, index, families, weights).
+  a, b = (syn.generate('train', 7, family_weights=weights) for _ in range(2))
+  np.testing.assert_array_equal(a.image, b.image)
+  for bad in ((1, 1), (1, -1, 1, 1, 1), (0, 0, 0, 0, 0), (1, float('nan'), 1, 1, 1)):
+    with pytest.raises(ValueError, match='family weights'):
+      syn.generate('train', 0, family_weights=bad)
+    with pytest.raises(ValueError, match='family weights'):
+      syn.SyntheticSource('train', 10, family_weights=bad)
+
+
 @pytest.mark.parametrize('image_size', [32, 64])
 def test_images_and_words_valid(image_size):
   vocab = set(syn.vocabulary())

@@ -106,6 +106,10 @@ def _validate(data_cfg) -> None:
   if families and set(families) - set(synthetic.FAMILIES):
     raise ValueError(f'data.families must be None, () (= all) or a subset of '
                      f'{synthetic.FAMILIES}, got {families}')
+  try:
+    synthetic.family_probabilities(families, data_cfg.get('family_weights', ()))
+  except ValueError as e:
+    raise ValueError(f'data.family_weights: {e}') from None
   needed = synthetic.max_text_tokens()
   if data_cfg.max_text_len < needed:
     raise ValueError(f'data.max_text_len must be >= {needed} (longest synthetic example), '
@@ -236,7 +240,9 @@ def build_source(data_cfg, split: str):
     return _real_source(data_cfg, split)
   size = data_cfg.train_size if split == 'train' else data_cfg.eval_size
   families = tuple(data_cfg.families) if data_cfg.families else None
-  return synthetic.SyntheticSource(split, size, data_cfg.image_size, families)
+  # The training mixture may be skewed; the eval stream stays uniform over the families.
+  weights = tuple(data_cfg.get('family_weights', ())) if split == 'train' else None
+  return synthetic.SyntheticSource(split, size, data_cfg.image_size, families, weights or None)
 
 
 class _Encode(grain.transforms.Map):

@@ -247,21 +247,40 @@ def _check_families(families: Sequence[str] | None) -> tuple[str, ...]:
   return families
 
 
+def family_probabilities(families: Sequence[str] | None,
+                         weights: Sequence[float] | None) -> np.ndarray | None:
+  """Normalised sampling weights over ``families`` (None or () = all); None = uniform."""
+  if not weights:
+    return None
+  families = _check_families(families)
+  w = np.asarray(weights, np.float64)
+  if w.shape != (len(families),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+    raise ValueError(f'family weights must be {len(families)} finite, non-negative numbers with a '
+                     f'positive sum, one per family of {families}; got {tuple(weights)}')
+  return w / w.sum()
+
+
 def generate(split: str, index: int, image_size: int = 64,
-             families: Sequence[str] | None = None) -> Example:
+             families: Sequence[str] | None = None,
+             family_weights: Sequence[float] | None = None) -> Example:
   """Generates example ``index`` of ``split`` ('train' or 'eval').
 
-  ``families`` restricts which families are sampled (None or () = all); it
-  changes which example an index yields.
+  ``families`` restricts which families are sampled (None or () = all) and
+  ``family_weights`` (one per family, None = uniform) skews the mixture; both
+  change which example an index yields.
   """
   if split not in _SPLIT_SEEDS:
     raise ValueError(f'split must be one of {tuple(_SPLIT_SEEDS)}, got {split!r}')
   if index < 0:
     raise ValueError(f'index must be >= 0, got {index}')
   _check_image_size(image_size)
+  probabilities = family_probabilities(families, family_weights)
   families = _check_families(families)
   rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
-  family = families[int(rng.integers(len(families)))]
+  if probabilities is None:  # the uniform stream predates weights: keep its draws
+    family = families[int(rng.integers(len(families)))]
+  else:
+    family = families[int(rng.choice(len(families), p=probabilities))]
   background = tuple(float(x) for x in rng.uniform(-BACKGROUND_MAX, BACKGROUND_MAX, 3))
   items, question, answer = _BUILDERS[family](rng)
   layout = Layout(background, tuple(items))
@@ -314,7 +333,8 @@ class SyntheticSource:
   """
 
   def __init__(self, split: str, num_examples: int, image_size: int = 64,
-               families: Sequence[str] | None = None):
+               families: Sequence[str] | None = None,
+               family_weights: Sequence[float] | None = None):
     if split not in _SPLIT_SEEDS:
       raise ValueError(f'split must be one of {tuple(_SPLIT_SEEDS)}, got {split!r}')
     if num_examples <= 0:
@@ -324,6 +344,8 @@ class SyntheticSource:
     self.num_examples = int(num_examples)
     self.image_size = int(image_size)
     self.families = _check_families(families) if families else None
+    family_probabilities(families, family_weights)  # fails here, not in a worker thread
+    self.family_weights = tuple(float(w) for w in family_weights) if family_weights else None
 
   def __len__(self) -> int:
     return self.num_examples
@@ -332,7 +354,7 @@ class SyntheticSource:
     index = int(index)
     if not 0 <= index < self.num_examples:
       raise IndexError(f'index {index} out of range for {self!r}')
-    ex = generate(self.split, index, self.image_size, self.families)
+    ex = generate(self.split, index, self.image_size, self.families, self.family_weights)
     return {
         'image': ex.image,
         'question': ex.question,
@@ -343,4 +365,5 @@ class SyntheticSource:
 
   def __repr__(self) -> str:
     return (f'SyntheticSource(split={self.split!r}, num_examples={self.num_examples}, '
-            f'image_size={self.image_size}, families={self.families})')
+            f'image_size={self.image_size}, families={self.families}, '
+            f'family_weights={self.family_weights})')
