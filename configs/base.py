@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.image_size = 64   # pixels; image_size / patch_size = feature grid (16)
   c.model.vision.patch_size = 4
   c.model.vision.width = 64
-  c.model.vision.depth = 2
+  c.model.vision.depth = 1         # one block: 0.7-0.85x the step time of two, and no slower to
+                                   # learn positions (docs/RESULTS.md, 2c)
   c.model.vision.mlp_dim = 256
   c.model.vision.num_heads = 2     # few, wide heads: at widths this small the per-head attention
                                    # maps (masks, softmax, layout copies) cost more than the matmuls
@@ -90,8 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.train_size = 1_000_000      # distinct procedurally generated training examples
   c.data.eval_size = 1024            # eval examples (a separate stream)
   c.data.families = ()               # () = all task families
-  c.data.family_weights = ()         # training mixture, one weight per family in data.families
-                                     # order (() = uniform); the eval stream stays uniform
+  # Training mixture over data.families (unnamed families weigh 1; all equal = uniform): more of
+  # the slow spatial families, less of detail (learned first). The eval stream stays uniform.
+  c.data.family_weights = ml_collections.ConfigDict(
+      dict(grounding=3.0, relation=2.0, detail=1.0, counting=2.0, mixed=2.0))
   c.data.max_text_len = 16           # prefix + suffix tokens, padded
   c.data.num_threads = 2             # Grain prefetch threads; 0 = synchronous
 
@@ -112,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
-  c.train.num_steps = 1900
+  c.train.num_steps = 2400
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2

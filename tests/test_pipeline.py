@@ -114,16 +114,23 @@ def test_config_errors_name_the_field():
     pipeline.build_source(_cfg(families=('grounding', 'colour')), 'eval')
   with pytest.raises(ValueError, match='data.eval_size'):
     pipeline.build_eval_dataset(_cfg(), batch_size=4, num_examples=38)
+  with pytest.raises(ValueError, match='data.family_weights.*colour'):
+    pipeline.build_source(_cfg(family_weights={'colour': 2.0}), 'eval')
   with pytest.raises(ValueError, match='data.family_weights'):
-    pipeline.build_source(_cfg(family_weights=(1.0, 2.0)), 'eval')
+    pipeline.build_source(_cfg(family_weights={'detail': -1.0}), 'eval')
   # () and None both mean every family.
   assert pipeline.build_source(_cfg(families=()), 'eval').families is None
 
 
 def test_family_weights_apply_to_training_only():
-  cfg = _cfg(family_weights=(0, 0, 1, 0, 0))
+  cfg = _cfg(family_weights={f: float(f == 'detail') for f in syn.FAMILIES})
   train = pipeline.build_source(cfg, 'train')
   assert {syn.FAMILIES[int(train[i]['family'])] for i in range(40)} == {'detail'}
+  # Named by family, so a family subset keeps its weights; unnamed families weigh 1.
+  subset = pipeline.build_source(_cfg(families=('mixed', 'detail'), family_weights={'detail': 3.0}),
+                                 'train')
+  assert subset.family_weights == (1.0, 3.0)
+  assert pipeline.build_source(_cfg(family_weights={}), 'train').family_weights is None
   weighted, uniform = pipeline.build_source(cfg, 'eval'), pipeline.build_source(_cfg(), 'eval')
   assert weighted.family_weights is None
   for i in range(20):  # the eval stream is the uniform one, example for example

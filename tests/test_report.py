@@ -177,7 +177,7 @@ def test_report_labels_from_saved_configs_and_checks_eval_streams(tmp_path, rng,
   specialist = base.get_config("m3")
   specialist.model.connector.budgets = (16,)
   reweighted = specialist.copy_and_resolve_references()
-  reweighted.data.family_weights = (2.0, 1.0, 1.0, 1.0, 1.0)  # training mixture only
+  reweighted.data.family_weights.grounding = 7.0  # training mixture only
   for seed, cfg in ((0, specialist), (1, reweighted)):
     write_run(root, f"optim.lr=0.001,seed={seed}", eval_json(gen, "m3", (16,)), cfg)
   other = base.get_config("parcel")

@@ -61,6 +61,9 @@ def test_family_weights_skew_the_mixture():
   only = collections.Counter(syn.generate('train', i, families=('detail', 'mixed'),
                                           family_weights=(0, 1)).family for i in range(50))
   assert only == {'mixed': 50}
+  # Equal weights are the uniform stream itself, example for example.
+  for i in range(20):
+    assert syn.generate('train', i, family_weights=(2,) * 5).layout == syn.generate('train', i).layout
   # Examples stay pure functions of (split, index, families, weights).
   a, b = (syn.generate('train', 7, family_weights=weights) for _ in range(2))
   np.testing.assert_array_equal(a.image, b.image)

@@ -106,10 +106,7 @@ def _validate(data_cfg) -> None:
   if families and set(families) - set(synthetic.FAMILIES):
     raise ValueError(f'data.families must be None, () (= all) or a subset of '
                      f'{synthetic.FAMILIES}, got {families}')
-  try:
-    synthetic.family_probabilities(families, data_cfg.get('family_weights', ()))
-  except ValueError as e:
-    raise ValueError(f'data.family_weights: {e}') from None
+  _family_weights(data_cfg)
   needed = synthetic.max_text_tokens()
   if data_cfg.max_text_len < needed:
     raise ValueError(f'data.max_text_len must be >= {needed} (longest synthetic example), '
@@ -241,8 +238,27 @@ def build_source(data_cfg, split: str):
   size = data_cfg.train_size if split == 'train' else data_cfg.eval_size
   families = tuple(data_cfg.families) if data_cfg.families else None
   # The training mixture may be skewed; the eval stream stays uniform over the families.
-  weights = tuple(data_cfg.get('family_weights', ())) if split == 'train' else None
-  return synthetic.SyntheticSource(split, size, data_cfg.image_size, families, weights or None)
+  weights = _family_weights(data_cfg) if split == 'train' else None
+  return synthetic.SyntheticSource(split, size, data_cfg.image_size, families, weights)
+
+
+def _family_weights(data_cfg) -> tuple[float, ...] | None:
+  """``data.family_weights`` ({family: weight}; empty = uniform) as one weight per family of
+  ``data.families``, in order; families it does not name weigh 1."""
+  named = dict(data_cfg.get('family_weights', None) or {})
+  unknown = sorted(set(named) - set(synthetic.FAMILIES))
+  if unknown:
+    raise ValueError(f'data.family_weights names unknown families {unknown}; '
+                     f'families: {synthetic.FAMILIES}')
+  if not named:
+    return None
+  families = tuple(data_cfg.families) if data_cfg.families else synthetic.FAMILIES
+  weights = tuple(float(named.get(f, 1.0)) for f in families)
+  try:
+    synthetic.family_probabilities(families, weights)
+  except ValueError as e:
+    raise ValueError(f'data.family_weights: {e}') from None
+  return weights
 
 
 class _Encode(grain.transforms.Map):

@@ -249,15 +249,16 @@ def _check_families(families: Sequence[str] | None) -> tuple[str, ...]:
 
 def family_probabilities(families: Sequence[str] | None,
                          weights: Sequence[float] | None) -> np.ndarray | None:
-  """Normalised sampling weights over ``families`` (None or () = all); None = uniform."""
-  if not weights:
+  """Normalised sampling weights over ``families`` (None or () = all), one per family in
+  order; None when ``weights`` is empty or all equal (the uniform stream)."""
+  if weights is None or len(weights) == 0:
     return None
   families = _check_families(families)
   w = np.asarray(weights, np.float64)
   if w.shape != (len(families),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
     raise ValueError(f'family weights must be {len(families)} finite, non-negative numbers with a '
                      f'positive sum, one per family of {families}; got {tuple(weights)}')
-  return w / w.sum()
+  return None if np.all(w == w[0]) else w / w.sum()
 
 
 def generate(split: str, index: int, image_size: int = 64,
@@ -277,7 +278,7 @@ def generate(split: str, index: int, image_size: int = 64,
   probabilities = family_probabilities(families, family_weights)
   families = _check_families(families)
   rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
-  if probabilities is None:  # the uniform stream predates weights: keep its draws
+  if probabilities is None:  # uniform: the stream that predates weights, draw for draw
     family = families[int(rng.integers(len(families)))]
   else:
     family = families[int(rng.choice(len(families), p=probabilities))]
