@@ -7,7 +7,7 @@ Variant 0 is ``--config`` as given; each ``--variant`` is a comma-separated list
 ``dotted.field=value`` overrides on top of it. Every variant's jitted train step is
 compiled for each budget's bucket, then timed in interleaved rounds (one step of every
 variant and budget per round), so a shared, noisy machine slows all of them alike.
-This is the measurement behind the default's head counts (README, "Status").
+This is the measurement behind the default's head counts and ViT depth (README, "Status").
 """
 
 import os

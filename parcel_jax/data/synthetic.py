@@ -276,7 +276,12 @@ def generate(split: str, index: int, image_size: int = 64,
     raise ValueError(f'index must be >= 0, got {index}')
   _check_image_size(image_size)
   probabilities = family_probabilities(families, family_weights)
-  families = _check_families(families)
+  return _generate(split, index, image_size, _check_families(families), probabilities)
+
+
+def _generate(split: str, index: int, image_size: int, families: tuple[str, ...],
+              probabilities: np.ndarray | None) -> Example:
+  """``generate`` on checked arguments (``SyntheticSource`` checks them once, not per example)."""
   rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
   if probabilities is None:  # uniform: the stream that predates weights, draw for draw
     family = families[int(rng.integers(len(families)))]
@@ -345,8 +350,10 @@ class SyntheticSource:
     self.num_examples = int(num_examples)
     self.image_size = int(image_size)
     self.families = _check_families(families) if families else None
-    family_probabilities(families, family_weights)  # fails here, not in a worker thread
     self.family_weights = tuple(float(w) for w in family_weights) if family_weights else None
+    # Checked and normalised here, once: bad weights fail now, not in a worker thread.
+    self._sampled_families = _check_families(families)
+    self._probabilities = family_probabilities(families, family_weights)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -355,7 +362,7 @@ class SyntheticSource:
     index = int(index)
     if not 0 <= index < self.num_examples:
       raise IndexError(f'index {index} out of range for {self!r}')
-    ex = generate(self.split, index, self.image_size, self.families, self.family_weights)
+    ex = _generate(self.split, index, self.image_size, self._sampled_families, self._probabilities)
     return {
         'image': ex.image,
         'question': ex.question,
