@@ -96,7 +96,8 @@ def main(argv):
   drawn, bucket_draws, compile_s = set(), {}, {}
   for step in range(FLAGS.draws):
     bucket, vec = budgets_lib.sample_step(spec, config.seed, step, bs, mode=config.budget.sampling,
-                                          distribution=config.budget.distribution)
+                                          distribution=config.budget.distribution,
+                                          ramp_steps=config.budget.ramp_steps)
     drawn.update(int(b) for b in vec)
     bucket_draws[bucket] = bucket_draws.get(bucket, 0) + 1
     if bucket_draws[bucket] == 1:  # a new bucket: feed it one batch (compiles its program)

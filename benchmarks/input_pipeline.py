@@ -75,7 +75,8 @@ def main(argv):
   visits, vecs = {}, {}
   for step in range(FLAGS.sample_steps):
     bucket, vec = budgets_lib.sample_step(spec, config.seed, step, bs, mode=config.budget.sampling,
-                                          distribution=config.budget.distribution)
+                                          distribution=config.budget.distribution,
+                                          ramp_steps=config.budget.ramp_steps)
     visits[bucket] = visits.get(bucket, 0) + 1
     vecs.setdefault(bucket, jax.make_array_from_process_local_data(batch_spec, vec))
   buckets = sorted(visits)

@@ -83,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget = ml_collections.ConfigDict()            # parcel_jax/budgets.py
   c.budget.sampling = "per_batch"   # per_batch | per_example (bucket per batch, budget per example)
   c.budget.distribution = "uniform"  # uniform | log_uniform over the method's budget space
+  c.budget.ramp_steps = 0           # open budgets up to a cap rising geometrically from the smallest
+                                    # to the largest over these steps (curriculum); 0 = all from step 0
 
   # ----------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()              # parcel_jax/data/

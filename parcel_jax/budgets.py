@@ -205,28 +205,53 @@ def _weights(budgets: Sequence[int], distribution: str) -> np.ndarray:
   return w / w.sum()
 
 
-def sample_budget(spec: BudgetSpec, seed: int, step: int, distribution: str = "uniform") -> int:
-  """The step's budget: a pure function of (seed, step)."""
+def budget_cap(spec: BudgetSpec, step: int, ramp_steps: int = 0) -> int:
+  """The largest budget open at ``step``. With ``ramp_steps`` > 0 it rises geometrically from
+  the smallest budget (step 0) to the largest (step ``ramp_steps`` on); 0 = all open."""
+  lo, hi = spec.budgets[0], spec.budgets[-1]
+  if ramp_steps <= 0 or step >= ramp_steps:
+    return hi
+  cap = lo * (hi / lo) ** (step / ramp_steps)
+  return max(b for b in spec.budgets if b <= cap + 1e-9)
+
+
+def _open_weights(spec: BudgetSpec, step: int, distribution: str, ramp_steps: int):
+  """Budgets open at ``step`` (a prefix of the sorted space) and their sampling probabilities."""
+  w = _weights(spec.budgets, distribution)
+  cap = budget_cap(spec, step, ramp_steps)
+  if cap == spec.budgets[-1]:
+    return spec.budgets, w  # exactly the un-ramped draw
+  n = spec.budgets.index(cap) + 1
+  return spec.budgets[:n], w[:n] / w[:n].sum()
+
+
+def sample_budget(spec: BudgetSpec, seed: int, step: int, distribution: str = "uniform",
+                  ramp_steps: int = 0) -> int:
+  """The step's budget: a pure function of (seed, step), drawn from the budgets open at
+  ``step`` (``budget_cap``) with ``distribution`` renormalised over them."""
   rng = _step_rng(seed, step, 0)
-  return int(rng.choice(spec.budgets, p=_weights(spec.budgets, distribution)))
+  budgets, p = _open_weights(spec, step, distribution, ramp_steps)
+  return int(rng.choice(budgets, p=p))
 
 
 def sample_step(spec: BudgetSpec, seed: int, step: int, batch_size: int, *,
-                mode: str = "per_batch", distribution: str = "uniform") -> tuple[Bucket, np.ndarray]:
+                mode: str = "per_batch", distribution: str = "uniform",
+                ramp_steps: int = 0) -> tuple[Bucket, np.ndarray]:
   """The step's static bucket and per-example budgets (batch_size,) int32.
 
   ``per_batch``: one budget for the whole batch. ``per_example``: the step's bucket
   is chosen by a batch-level draw (so shapes stay static), then every example draws
-  its own budget among the budgets of that bucket; the marginal per example is the
-  configured distribution.
+  its own budget among the open budgets of that bucket; the marginal per example is the
+  configured distribution. ``ramp_steps``: see ``budget_cap``.
   """
   if mode not in SAMPLING_MODES:
     raise ValueError(f"budget.sampling={mode!r} is unknown; allowed: {', '.join(SAMPLING_MODES)}")
-  lead = sample_budget(spec, seed, step, distribution)
+  lead = sample_budget(spec, seed, step, distribution, ramp_steps)
   bucket = spec.bucket(lead)
   if mode == "per_batch":
     return bucket, np.full((batch_size,), lead, np.int32)
-  members = [b for b in spec.budgets if spec.bucket(b) == bucket]
-  p = _weights(spec.budgets, distribution)[[spec.budgets.index(b) for b in members]]
+  budgets, weights = _open_weights(spec, step, distribution, ramp_steps)
+  members = [b for b in budgets if spec.bucket(b) == bucket]
+  p = weights[[budgets.index(b) for b in members]]
   rng = _step_rng(seed, step, 1)
   return bucket, rng.choice(members, size=batch_size, p=p / p.sum()).astype(np.int32)

@@ -123,3 +123,25 @@ def test_per_example_mode_stays_in_one_bucket():
   assert len(seen) > 40
   bucket, vec = B.sample_step(spec, 1, 3, 8, mode="per_batch")
   assert len(set(vec.tolist())) == 1 and spec.bucket(int(vec[0])) == bucket
+
+
+@pytest.mark.parametrize("mode", ["per_batch", "per_example"])
+def test_ramp_opens_budgets_geometrically(mode):
+  """Under ``ramp_steps`` every draw is <= the step's cap; the cap climbs from the smallest budget to
+  the largest (x2 every ramp/4 steps over 16..256); from ramp_steps on the draws are the
+  un-ramped ones exactly."""
+  spec = B.BudgetSpec.from_config(connector_cfg(), 16)
+  seed, ramp = int(np.random.default_rng().integers(1 << 30)), 400
+  caps = [B.budget_cap(spec, s, ramp) for s in range(ramp + 1)]
+  assert caps[0] == 16 and caps[-1] == 256 and caps == sorted(caps)
+  assert caps[100] == 32 and caps[200] == 64 and caps[300] == 128  # 16 * 16 ** (s / 400)
+  for step in range(0, ramp, 7):
+    bucket, vec = B.sample_step(spec, seed, step, 8, mode=mode, ramp_steps=ramp)
+    assert vec.max() <= caps[step], (seed, step)
+    assert all(spec.bucket(int(b)) == bucket for b in vec)
+  early = [B.sample_budget(spec, seed, s, ramp_steps=ramp) for s in range(100)]
+  assert max(early) < 32 and len(set(early)) > 3  # small, but still sampled
+  for step in range(ramp, ramp + 50):
+    ramped = B.sample_step(spec, seed, step, 8, mode=mode, ramp_steps=ramp)
+    plain = B.sample_step(spec, seed, step, 8, mode=mode)
+    assert ramped[0] == plain[0] and np.array_equal(ramped[1], plain[1]), (seed, step)
