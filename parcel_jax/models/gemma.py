@@ -216,6 +216,14 @@ class Block(nnx.Module):
     return x + h.astype(x.dtype), (k, v)
 
 
+  def attention_weights(self, x: Array, positions: Array, mask: Array | None) -> Array:
+    """Post-softmax attention of ``__call__`` (no cache): (b, heads, t, t) float32."""
+    h = self.pre_attn_norm(x)
+    q = self.attn.project_q(h, positions, self.rope_base)
+    k, _ = self.attn.project_kv(h, positions, self.rope_base)
+    return layers.attention_probs(q, k, mask, softcap=self.attn.softcap)
+
+
 class LocalGlobalPair(nnx.Module):
   """The scanned unit of a Gemma-2 stack: a local then a global layer."""
 
@@ -332,6 +340,21 @@ class Decoder(nnx.Module):
     positions = self._check(x, input_mask, ar_mask, positions)
     x, _ = self._layers(x.astype(self.dtype), positions, self._masks(input_mask, ar_mask, positions))
     return self.final_norm(x)
+
+  def attention_maps(self, x: Array, *, input_mask: Array, ar_mask: Array) -> Array:
+    """Every layer's attention weights for the inputs of ``__call__``: (depth, b, heads, S, S)
+    float32 (diagnostics, e.g. ``parcel_jax.probe``). Needs ``scan=False``."""
+    if self.cfg.scan:
+      raise ValueError("Decoder.attention_maps needs per-layer modules (DecoderConfig.scan=False)")
+    positions = self._check(x, input_mask, ar_mask, None)
+    full, local = self._masks(input_mask, ar_mask, positions)
+    x = x.astype(self.dtype)
+    maps = []
+    for i, layer in enumerate(self.layers):
+      mask = local if self.cfg.is_local(i) else full
+      maps.append(layer.attention_weights(x, positions, mask))
+      x, _ = layer(x, positions, mask)
+    return jnp.stack(maps)
 
   # ---------------------------------------------------------------- decoding
 

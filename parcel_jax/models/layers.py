@@ -82,6 +82,29 @@ def rope(x: Array, positions: Array, base: float = 10_000.0) -> Array:
   return out.astype(x.dtype)
 
 
+def _grouped_probs(q: Array, k: Array, mask: Array | None, softcap: float | None) -> Array:
+  """Softmax attention (b, kv_heads, group, q_len, kv_len) float32; masked entries are 0."""
+  b, tq, h, d = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, tq, kh, h // kh, d)
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  logits = soft_cap(logits, softcap)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, tq, k.shape[1]))[:, None, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    probs = jnp.where(mask, probs, 0.0)
+  return probs
+
+
+def attention_probs(q: Array, k: Array, mask: Array | None, *, softcap: float | None = None) -> Array:
+  """The attention weights of ``dot_product_attention`` (same arguments): (batch, heads, q_len,
+  kv_len) float32, rows summing to 1 over allowed keys, 0 elsewhere (all 0 if none allowed)."""
+  p = _grouped_probs(q, k, mask, softcap)
+  return p.reshape(p.shape[0], -1, *p.shape[3:])
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
                           softcap: float | None = None) -> Array:
   """Masked multi-head attention with grouped K/V heads.
@@ -95,16 +118,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
     zeros (not NaN), so fully masked slots stay finite and carry no gradient.
   """
   b, tq, h, d = q.shape
-  kh = k.shape[2]
-  q = q.reshape(b, tq, kh, h // kh, d)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  logits = soft_cap(logits, softcap)
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, tq, k.shape[1]))[:, None, None]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    probs = jnp.where(mask, probs, 0.0)
+  probs = _grouped_probs(q, k, mask, softcap)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
   return out.reshape(b, tq, h, d)
 
