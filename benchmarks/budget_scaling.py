@@ -97,7 +97,7 @@ def main(argv):
   for step in range(FLAGS.draws):
     bucket, vec = budgets_lib.sample_step(spec, config.seed, step, bs, mode=config.budget.sampling,
                                           distribution=config.budget.distribution,
-                                          ramp_steps=config.budget.ramp_steps)
+                                          ramp_steps=budgets_lib.ramp_steps(config))
     drawn.update(int(b) for b in vec)
     bucket_draws[bucket] = bucket_draws.get(bucket, 0) + 1
     if bucket_draws[bucket] == 1:  # a new bucket: feed it one batch (compiles its program)

@@ -76,7 +76,7 @@ def main(argv):
   for step in range(FLAGS.sample_steps):
     bucket, vec = budgets_lib.sample_step(spec, config.seed, step, bs, mode=config.budget.sampling,
                                           distribution=config.budget.distribution,
-                                          ramp_steps=config.budget.ramp_steps)
+                                          ramp_steps=budgets_lib.ramp_steps(config))
     visits[bucket] = visits.get(bucket, 0) + 1
     vecs.setdefault(bucket, jax.make_array_from_process_local_data(batch_spec, vec))
   buckets = sorted(visits)

@@ -83,8 +83,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget = ml_collections.ConfigDict()            # parcel_jax/budgets.py
   c.budget.sampling = "per_batch"   # per_batch | per_example (bucket per batch, budget per example)
   c.budget.distribution = "uniform"  # uniform | log_uniform over the method's budget space
-  c.budget.ramp_steps = 0           # open budgets up to a cap rising geometrically from the smallest
-                                    # to the largest over these steps (curriculum); 0 = all from step 0
+  c.budget.ramp_fraction = 0.5      # curriculum: over this fraction of train.num_steps the largest
+                                    # open budget rises geometrically from the smallest to the largest;
+                                    # 0 = every budget from step 0. Few tokens first: the decoder learns
+                                    # to find objects among 16-64 tokens far sooner than among 256
+                                    # (docs/RESULTS.md, 2d)
 
   # ----------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()              # parcel_jax/data/
@@ -117,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
-  c.train.num_steps = 2400
+  c.train.num_steps = 3000
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2

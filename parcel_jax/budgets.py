@@ -205,6 +205,13 @@ def _weights(budgets: Sequence[int], distribution: str) -> np.ndarray:
   return w / w.sum()
 
 
+def ramp_steps(config) -> int:
+  """Length in steps of the budget curriculum: ``budget.ramp_fraction`` of ``train.num_steps``
+  (the schedule's length, so a resumed or ``stop_at`` run ramps identically). Configs saved
+  before the field existed have none."""
+  return int(round(config.budget.get("ramp_fraction", 0.0) * config.train.num_steps))
+
+
 def budget_cap(spec: BudgetSpec, step: int, ramp_steps: int = 0) -> int:
   """The largest budget open at ``step``. With ``ramp_steps`` > 0 it rises geometrically from
   the smallest budget (step 0) to the largest (step ``ramp_steps`` on); 0 = all open."""

@@ -87,10 +87,9 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[vlm.ModelConfig,
     section, name = field.split(".")
     if config[section][name] < 1:
       raise ValueError(f"{field} must be >= 1, got {config[section][name]}")
-  ramp = config.budget.get("ramp_steps", 0)  # absent from configs saved before it existed
-  if not 0 <= ramp <= config.train.num_steps:
-    raise ValueError(f"budget.ramp_steps={ramp} must be in 0..train.num_steps "
-                     f"({config.train.num_steps})")
+  ramp = config.budget.get("ramp_fraction", 0.0)  # absent from configs saved before it existed
+  if not 0.0 <= ramp <= 1.0:
+    raise ValueError(f"budget.ramp_fraction={ramp} must be in [0, 1] (a fraction of train.num_steps)")
   if config.train.batch_size % config.optim.grad_accum_steps:
     raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
                      f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
@@ -318,11 +317,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   meter = metrics_lib.Throughput(peak_flops=metrics_lib.peak_flops(), total_steps=num_steps)
   nonfinite_steps, pending_nonfinite = 0, []
   last = min(num_steps, config.train.stop_at or num_steps)
+  ramp = budgets_lib.ramp_steps(config)
   for step in range(start, last):
     bucket, budget_vec = budgets_lib.sample_step(
         spec, config.seed, step, config.train.batch_size,
         mode=config.budget.sampling, distribution=config.budget.distribution,
-        ramp_steps=config.budget.get("ramp_steps", 0))
+        ramp_steps=ramp)
     local = next(train_iter)
     local.pop("family")  # evaluation-only field
     batch = {k: jax.make_array_from_process_local_data(batch_spec, v) for k, v in local.items()}

@@ -27,6 +27,7 @@ def tiny_config(method: str = "parcel", **connector):
   for k, v in connector.items():
     c.model.connector[k] = v
   c.train.num_steps = 3
+  c.budget.ramp_fraction = 0.0  # tests pick seeds for the budgets they draw; the ramp has its own tests
   c.train.batch_size = 8
   c.eval.num_examples = 64
   c.eval.batch_size = 32

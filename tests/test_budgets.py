@@ -145,3 +145,14 @@ def test_ramp_opens_budgets_geometrically(mode):
     ramped = B.sample_step(spec, seed, step, 8, mode=mode, ramp_steps=ramp)
     plain = B.sample_step(spec, seed, step, 8, mode=mode)
     assert ramped[0] == plain[0] and np.array_equal(ramped[1], plain[1]), (seed, step)
+
+
+def test_ramp_length_is_a_fraction_of_the_schedule():
+  from configs import base
+  c = base.get_config()
+  assert B.ramp_steps(c) == round(c.budget.ramp_fraction * c.train.num_steps) > 0
+  c.train.num_steps = 301
+  c.budget.ramp_fraction = 0.25
+  assert B.ramp_steps(c) == 75
+  del c.budget["ramp_fraction"]  # a config saved before the field existed
+  assert B.ramp_steps(c) == 0

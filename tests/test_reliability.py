@@ -170,7 +170,7 @@ def test_nonfinite_step_leaves_state_untouched():
     ({"mesh.shape": (2, -1, 1)}, r"mesh.shape=\(2, -1, 1\) does not divide the 1 available devices"),
     ({"budget.sampling": "per_token"}, r"budget.sampling='per_token' is unknown"),
     ({"eval.budgets": (3, 5)}, r"eval.budgets=\(3, 5\) has no budget of method 'parcel'"),
-    ({"budget.ramp_steps": -1}, r"budget.ramp_steps=-1 must be in 0..train.num_steps"),
+    ({"budget.ramp_fraction": 1.5}, r"budget.ramp_fraction=1.5 must be in \[0, 1\]"),
 ])
 def test_config_errors_name_the_field(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):

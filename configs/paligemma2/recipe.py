@@ -88,6 +88,7 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   # ---------------------------------------------------------------- budgets
   c.budget.sampling = "per_batch"
   c.budget.distribution = "uniform"
+  c.budget.ramp_fraction = 0.0       # the paper samples every budget from the first step
 
   # ----------------------------------------------------------------- data
   c.data.name = "llava"              # llava | jsonl | tfds (synthetic works too)
