@@ -64,10 +64,8 @@ def _prefill(graphdef, params, features, prefix, budgets, *, bucket, cache_size)
 
   The sequence is [visual (bucket.num_slots); prefix (L)], all prefix-LM (bidirectional)."""
   model = nnx.merge(graphdef, params)
-  visual, visual_mask = model.visual_tokens(features, bucket, budgets)
-  text = model.decoder.embed(prefix)
-  x = jnp.concatenate([visual.astype(text.dtype), text], axis=1)
-  input_mask = jnp.concatenate([visual_mask, jnp.ones(prefix.shape, bool)], axis=1)
+  x, input_mask = model.decoder_inputs(features, prefix, jnp.ones(prefix.shape, bool),
+                                      bucket=bucket, budgets=budgets)
   hidden, cache = model.decoder.prefill(x, input_mask=input_mask, ar_mask=jnp.zeros_like(input_mask),
                                         cache_size=cache_size)
   return jnp.argmax(model.decoder.logits(hidden[:, -1]), -1).astype(jnp.int32), cache

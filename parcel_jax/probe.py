@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from parcel_jax import evaluate, predict, runs
+from parcel_jax import predict, runs
 from parcel_jax.data import synthetic
 
 PARTS = ("asked", "other_objects", "background", "text")
@@ -51,10 +51,8 @@ def _slot(item: synthetic.Item) -> int:
 def _maps(graphdef, params, images, prefix, budgets, *, bucket):
   """(depth, b, heads, S) attention of the last prompt token over [visual; prompt]."""
   model = nnx.merge(graphdef, params)
-  visual, visual_mask = model.visual_tokens(model.encode_images(images), bucket, budgets)
-  text = model.decoder.embed(prefix)
-  x = jnp.concatenate([visual.astype(text.dtype), text], axis=1)
-  input_mask = jnp.concatenate([visual_mask, jnp.ones(prefix.shape, bool)], axis=1)
+  x, input_mask = model.decoder_inputs(model.encode_images(images), prefix, jnp.ones(prefix.shape, bool),
+                                      bucket=bucket, budgets=budgets)
   maps = model.decoder.attention_maps(x, input_mask=input_mask, ar_mask=jnp.zeros_like(input_mask))
   return maps[:, :, :, -1, :]
 

@@ -120,11 +120,7 @@ class _Block(nnx.Module):
       key_pos = jnp.broadcast_to(key_pos.astype(kv_in.dtype), kv_in.shape)
       keys = key_pos if pos_only else kv_in + key_pos
     k, _ = self.attn.project_kv(keys)
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    logits = layers.soft_cap(logits, self.attn.softcap)
-    mask = jnp.broadcast_to(mask, (x.shape[0], x.shape[1], context.shape[1]))[:, None]
-    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.where(mask, probs, 0.0)
+    return layers.attention_probs(q, k, mask, softcap=self.attn.softcap)
 
 
 class QueryResampler(nnx.Module):

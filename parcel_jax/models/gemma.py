@@ -196,9 +196,7 @@ class Block(nnx.Module):
     Returns:
       x (b, t, width), and the keys/values attended over: (b, s, kv_heads, head_dim) each.
     """
-    h = self.pre_attn_norm(x)
-    q = self.attn.project_q(h, positions, self.rope_base)
-    k, v = self.attn.project_kv(h, positions, self.rope_base)
+    q, k, v = self._qkv(x, positions)
     if cache is not None:
       k_cache, v_cache, index = cache
       rows = jnp.arange(x.shape[0])
@@ -215,12 +213,16 @@ class Block(nnx.Module):
       h = self.post_mlp_norm(h)
     return x + h.astype(x.dtype), (k, v)
 
+  def _qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    """Queries, keys and values (RoPE applied) of the normalised input."""
+    h = self.pre_attn_norm(x)
+    q = self.attn.project_q(h, positions, self.rope_base)
+    k, v = self.attn.project_kv(h, positions, self.rope_base)
+    return q, k, v
 
   def attention_weights(self, x: Array, positions: Array, mask: Array | None) -> Array:
     """Post-softmax attention of ``__call__`` (no cache): (b, heads, t, t) float32."""
-    h = self.pre_attn_norm(x)
-    q = self.attn.project_q(h, positions, self.rope_base)
-    k, _ = self.attn.project_kv(h, positions, self.rope_base)
+    q, k, _ = self._qkv(x, positions)
     return layers.attention_probs(q, k, mask, softcap=self.attn.softcap)
 
 

@@ -80,6 +80,15 @@ class VLM(nnx.Module):
     chex.assert_shape(tokens, (features.shape[0], bucket.num_slots, self.cfg.vision.width))
     return self.projection(tokens), mask
 
+  def decoder_inputs(self, features: Array, text: Array, text_mask: Array, *, bucket: Bucket,
+                     budgets: Array) -> tuple[Array, Array]:
+    """The decoder's input sequence ``[visual tokens (bucket.num_slots); embedded text (L)]``
+    (b, slots + L, Dl) and its validity mask (b, slots + L)."""
+    visual, visual_mask = self.visual_tokens(features, bucket, budgets)
+    embedded = self.decoder.embed(text)
+    x = jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1)
+    return x, jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
+
   def text_logits(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
                   bucket: Bucket, budgets: Array) -> Array:
     """Logits over the text positions given precomputed vision features.
@@ -91,10 +100,7 @@ class VLM(nnx.Module):
     Returns: (b, L, vocab).
     """
     b, length = text.shape
-    visual, visual_mask = self.visual_tokens(features, bucket, budgets)
-    embedded = self.decoder.embed(text)
-    x = jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1)
-    input_mask = jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
+    x, input_mask = self.decoder_inputs(features, text, text_mask, bucket=bucket, budgets=budgets)
     ar = jnp.concatenate([jnp.zeros((b, bucket.num_slots), bool), ar_mask.astype(bool)], axis=1)
     hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
     logits = self.decoder.logits(hidden[:, bucket.num_slots:])
