@@ -205,11 +205,15 @@ def _weights(budgets: Sequence[int], distribution: str) -> np.ndarray:
   return w / w.sum()
 
 
+def ramp_fraction(config) -> float:
+  """``budget.ramp_fraction``; configs saved before the field existed have no curriculum (0)."""
+  return config.budget.get("ramp_fraction", 0.0)
+
+
 def ramp_steps(config) -> int:
   """Length in steps of the budget curriculum: ``budget.ramp_fraction`` of ``train.num_steps``
-  (the schedule's length, so a resumed or ``stop_at`` run ramps identically). Configs saved
-  before the field existed have none."""
-  return int(round(config.budget.get("ramp_fraction", 0.0) * config.train.num_steps))
+  (the schedule's length, so a resumed or ``stop_at`` run ramps identically)."""
+  return int(round(ramp_fraction(config) * config.train.num_steps))
 
 
 def budget_cap(spec: BudgetSpec, step: int, ramp_steps: int = 0) -> int:
@@ -232,13 +236,17 @@ def _open_weights(spec: BudgetSpec, step: int, distribution: str, ramp_steps: in
   return spec.budgets[:n], w[:n] / w[:n].sum()
 
 
+def _draw(spec: BudgetSpec, seed: int, step: int, distribution: str, ramp_steps: int):
+  """The step's budget, and the open budgets and probabilities it was drawn from."""
+  budgets, p = _open_weights(spec, step, distribution, ramp_steps)
+  return int(_step_rng(seed, step, 0).choice(budgets, p=p)), budgets, p
+
+
 def sample_budget(spec: BudgetSpec, seed: int, step: int, distribution: str = "uniform",
                   ramp_steps: int = 0) -> int:
   """The step's budget: a pure function of (seed, step), drawn from the budgets open at
   ``step`` (``budget_cap``) with ``distribution`` renormalised over them."""
-  rng = _step_rng(seed, step, 0)
-  budgets, p = _open_weights(spec, step, distribution, ramp_steps)
-  return int(rng.choice(budgets, p=p))
+  return _draw(spec, seed, step, distribution, ramp_steps)[0]
 
 
 def sample_step(spec: BudgetSpec, seed: int, step: int, batch_size: int, *,
@@ -253,11 +261,10 @@ def sample_step(spec: BudgetSpec, seed: int, step: int, batch_size: int, *,
   """
   if mode not in SAMPLING_MODES:
     raise ValueError(f"budget.sampling={mode!r} is unknown; allowed: {', '.join(SAMPLING_MODES)}")
-  lead = sample_budget(spec, seed, step, distribution, ramp_steps)
+  lead, budgets, weights = _draw(spec, seed, step, distribution, ramp_steps)
   bucket = spec.bucket(lead)
   if mode == "per_batch":
     return bucket, np.full((batch_size,), lead, np.int32)
-  budgets, weights = _open_weights(spec, step, distribution, ramp_steps)
   members = [b for b in budgets if spec.bucket(b) == bucket]
   p = weights[[budgets.index(b) for b in members]]
   rng = _step_rng(seed, step, 1)

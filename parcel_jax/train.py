@@ -87,7 +87,7 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[vlm.ModelConfig,
     section, name = field.split(".")
     if config[section][name] < 1:
       raise ValueError(f"{field} must be >= 1, got {config[section][name]}")
-  ramp = config.budget.get("ramp_fraction", 0.0)  # absent from configs saved before it existed
+  ramp = budgets_lib.ramp_fraction(config)
   if not 0.0 <= ramp <= 1.0:
     raise ValueError(f"budget.ramp_fraction={ramp} must be in [0, 1] (a fraction of train.num_steps)")
   if config.train.batch_size % config.optim.grad_accum_steps:
