@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.posemb = "sincos2d"  # learn | sincos2d (fixed codes: position is readable from step 0)
   c.model.vision.center_input = True  # subtract each image's mean colour (a from-scratch ViT otherwise
                                    # spends hundreds of steps learning to ignore the background cast)
+  c.model.vision.attn_window = 0   # > 0: blocks attend only within windows of this many patches
+                                   # per side (local attention); 0 = global. 2 lets the mixed family
+                                   # leave its prior but slows the others (docs/RESULTS.md, 2f)
   c.model.vision.scan = False      # scan over layers (one compiled layer)
   c.model.vision.remat = "none"    # none | full | dots: rematerialisation policy
 

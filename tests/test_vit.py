@@ -89,10 +89,47 @@ def test_bad_image_shape_names_expected_shape():
     (dict(posemb="rope"), "posemb"),
     (dict(remat="sometimes"), "remat"),
     (dict(depth=0), "depth"),
+    (dict(attn_window=3), "attn_window"),
+    (dict(attn_window=-2), "attn_window"),
 ])
 def test_config_validation(overrides, field):
   with pytest.raises(ValueError, match=field):
     vit.vit_config("tiny", **overrides)
+
+
+def _window_masked_features(model: vit.ViT, images, window: int):
+  """Reference for ``attn_window``: global-layout blocks with a block-diagonal attention mask."""
+  g = model.cfg.grid_size
+  rows, cols = np.divmod(np.arange(g * g), g)
+  window_id = (rows // window) * (g // window) + cols // window
+  mask = jnp.asarray(window_id[:, None] == window_id[None, :])[None]
+  x = model.embed_patches(images)
+  for block in model.blocks:
+    x = x + block.attn(block.norm1(x), mask=mask)
+    x = x + block.mlp(block.norm2(x))
+  return model.norm(x).reshape(images.shape[0], g, g, -1)
+
+
+@pytest.mark.parametrize("window", [2, 4])
+def test_attn_window_is_block_diagonal_attention(window):
+  cfg = vit.vit_config("tiny", posemb="sincos2d", depth=2, attn_window=window)
+  model = vit.ViT(cfg, rngs=nnx.Rngs(5))
+  images = jax.random.uniform(jax.random.key(6), (2, 64, 64, 3), minval=-1, maxval=1)
+  out = _apply(model, images)
+  assert_rel_close(out, _window_masked_features(model, images, window), tol=1e-5)
+  # Local: changing the pixels of one window changes the features of that window only.
+  rng = np.random.default_rng()
+  wr, wc = rng.integers(16 // window, size=2)
+  px = window * cfg.patch_size
+  changed = images.at[:, wr * px:(wr + 1) * px, wc * px:(wc + 1) * px].add(0.5)
+  moved = np.asarray(jnp.max(jnp.abs(_apply(model, changed) - out), axis=(0, 3))) > 1e-6
+  expected = np.zeros((16, 16), bool)
+  expected[wr * window:(wr + 1) * window, wc * window:(wc + 1) * window] = True
+  np.testing.assert_array_equal(moved, expected)
+  # A window the size of the grid is global attention.
+  full = vit.ViT(dataclasses.replace(cfg, attn_window=16), rngs=nnx.Rngs(5))
+  glob = vit.ViT(dataclasses.replace(cfg, attn_window=0), rngs=nnx.Rngs(5))
+  np.testing.assert_array_equal(_apply(full, images), _apply(glob, images))
 
 
 def test_patch_embedding_is_strided_conv():

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import chex
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,6 +43,8 @@ class ViTConfig:
   num_heads: int
   posemb: str = "learn"        # learn | sincos2d
   center_input: bool = False   # subtract each image's per-channel mean before patchifying
+  attn_window: int = 0         # > 0: blocks attend within non-overlapping attn_window^2-patch
+                               # windows (ViTDet-style local attention); 0 = global attention
   dtype: Any = None            # compute dtype; None = float32
   param_dtype: Any = jnp.float32
   scan: bool = False           # run the blocks as one scanned layer
@@ -61,6 +64,9 @@ class ViTConfig:
     if self.posemb == "sincos2d" and self.width % 4:
       raise ValueError(f"ViTConfig.width={self.width} must be a multiple of 4 for posemb='sincos2d'")
     layers.check_remat(self.remat, "ViTConfig.remat")
+    if self.attn_window < 0 or (self.attn_window and self.grid_size % self.attn_window):
+      raise ValueError(f"ViTConfig.attn_window={self.attn_window} must be 0 (global) or divide the "
+                       f"feature grid {self.grid_size}")
 
   @property
   def grid_size(self) -> int:
@@ -146,6 +152,11 @@ class ViT(nnx.Module):
       # projected tokens' variance on the synthetic task) and hides position and objects.
       images = images - jnp.mean(images, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(images.dtype)
     x = self.embed_patches(images)
+    if cfg.attn_window:
+      # Windows become batch entries: every block op but attention is per token, so running
+      # whole blocks on windows is local attention, at (window^2 / grid^2) of its cost.
+      x = einops.rearrange(x, "b (h kh w kw) d -> (b h w) (kh kw) d", kh=cfg.attn_window,
+                           kw=cfg.attn_window, h=g // cfg.attn_window)
     run = layers.maybe_remat(_run_block, cfg.remat)
     if cfg.scan:
       x, _ = nnx.scan(lambda c, blk: run(blk, c), in_axes=(nnx.Carry, 0),
@@ -154,6 +165,9 @@ class ViT(nnx.Module):
       for block in self.blocks:
         x, _ = run(block, x)
     x = self.norm(x).astype(x.dtype)
+    if cfg.attn_window:
+      x = einops.rearrange(x, "(b h w) (kh kw) d -> b (h kh w kw) d", kh=cfg.attn_window,
+                           h=g // cfg.attn_window, w=g // cfg.attn_window)
     out = x.reshape(images.shape[0], g, g, cfg.width)
     chex.assert_shape(out, (images.shape[0], g, g, cfg.width))
     return out
