@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.attn_window = 0   # > 0: blocks attend only within windows of this many patches
                                    # per side (local attention); 0 = global. 2 lets the mixed family
                                    # leave its prior but slows the others (docs/RESULTS.md, 2f)
+  c.model.vision.global_blocks = 0  # with attn_window: the last this-many blocks attend globally
   c.model.vision.scan = False      # scan over layers (one compiled layer)
   c.model.vision.remat = "none"    # none | full | dots: rematerialisation policy
 

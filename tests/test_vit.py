@@ -91,21 +91,24 @@ def test_bad_image_shape_names_expected_shape():
     (dict(depth=0), "depth"),
     (dict(attn_window=3), "attn_window"),
     (dict(attn_window=-2), "attn_window"),
+    (dict(attn_window=2, global_blocks=3), "global_blocks"),
+    (dict(attn_window=2, depth=2, global_blocks=1, scan=True), "global_blocks"),
 ])
 def test_config_validation(overrides, field):
   with pytest.raises(ValueError, match=field):
     vit.vit_config("tiny", **overrides)
 
 
-def _window_masked_features(model: vit.ViT, images, window: int):
-  """Reference for ``attn_window``: global-layout blocks with a block-diagonal attention mask."""
+def _window_masked_features(model: vit.ViT, images, window: int, num_local: int):
+  """Reference for ``attn_window``: global-layout blocks, the first ``num_local`` with a
+  block-diagonal attention mask."""
   g = model.cfg.grid_size
   rows, cols = np.divmod(np.arange(g * g), g)
   window_id = (rows // window) * (g // window) + cols // window
-  mask = jnp.asarray(window_id[:, None] == window_id[None, :])[None]
+  local = jnp.asarray(window_id[:, None] == window_id[None, :])[None]
   x = model.embed_patches(images)
-  for block in model.blocks:
-    x = x + block.attn(block.norm1(x), mask=mask)
+  for i, block in enumerate(model.blocks):
+    x = x + block.attn(block.norm1(x), mask=local if i < num_local else None)
     x = x + block.mlp(block.norm2(x))
   return model.norm(x).reshape(images.shape[0], g, g, -1)
 
@@ -116,7 +119,7 @@ def test_attn_window_is_block_diagonal_attention(window):
   model = vit.ViT(cfg, rngs=nnx.Rngs(5))
   images = jax.random.uniform(jax.random.key(6), (2, 64, 64, 3), minval=-1, maxval=1)
   out = _apply(model, images)
-  assert_rel_close(out, _window_masked_features(model, images, window), tol=1e-5)
+  assert_rel_close(out, _window_masked_features(model, images, window, num_local=2), tol=1e-5)
   # Local: changing the pixels of one window changes the features of that window only.
   rng = np.random.default_rng()
   wr, wc = rng.integers(16 // window, size=2)
@@ -132,6 +135,16 @@ def test_attn_window_is_block_diagonal_attention(window):
   np.testing.assert_array_equal(_apply(full, images), _apply(glob, images))
 
 
+@pytest.mark.parametrize("depth, global_blocks", [(2, 1), (3, 2), (3, 3)])
+def test_global_blocks_follow_the_local_ones(depth, global_blocks):
+  cfg = vit.vit_config("tiny", posemb="sincos2d", depth=depth, attn_window=2,
+                       global_blocks=global_blocks)
+  model = vit.ViT(cfg, rngs=nnx.Rngs(7))
+  images = jax.random.uniform(jax.random.key(8), (2, 64, 64, 3), minval=-1, maxval=1)
+  expected = _window_masked_features(model, images, 2, num_local=depth - global_blocks)
+  assert_rel_close(_apply(model, images), expected, tol=1e-5)
+
+
 def test_patch_embedding_is_strided_conv():
   cfg = vit.vit_config("tiny", posemb="sincos2d")
   model = vit.ViT(cfg, rngs=nnx.Rngs(3))
@@ -143,8 +156,9 @@ def test_patch_embedding_is_strided_conv():
   np.testing.assert_allclose(got, conv.reshape(2, -1, cfg.width), rtol=1e-5, atol=1e-5)
 
 
-def test_scan_and_remat_match_unrolled():
-  base_cfg = vit.vit_config("tiny", depth=3, image_size=32)
+@pytest.mark.parametrize("attn_window", [0, 2])
+def test_scan_and_remat_match_unrolled(attn_window):
+  base_cfg = vit.vit_config("tiny", depth=3, image_size=32, attn_window=attn_window)
   base = vit.ViT(base_cfg, rngs=nnx.Rngs(0))
   ref_params = _params(base)
   images = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))

@@ -45,6 +45,7 @@ class ViTConfig:
   center_input: bool = False   # subtract each image's per-channel mean before patchifying
   attn_window: int = 0         # > 0: blocks attend within non-overlapping attn_window^2-patch
                                # windows (ViTDet-style local attention); 0 = global attention
+  global_blocks: int = 0       # with attn_window: the last this-many blocks attend globally
   dtype: Any = None            # compute dtype; None = float32
   param_dtype: Any = jnp.float32
   scan: bool = False           # run the blocks as one scanned layer
@@ -67,6 +68,11 @@ class ViTConfig:
     if self.attn_window < 0 or (self.attn_window and self.grid_size % self.attn_window):
       raise ValueError(f"ViTConfig.attn_window={self.attn_window} must be 0 (global) or divide the "
                        f"feature grid {self.grid_size}")
+    if not 0 <= self.global_blocks <= self.depth:
+      raise ValueError(f"ViTConfig.global_blocks={self.global_blocks} must be in [0, depth={self.depth}]")
+    if self.scan and self.attn_window and 0 < self.global_blocks < self.depth:
+      raise ValueError("ViTConfig.global_blocks mixes local and global blocks, which scan=True "
+                       "cannot run as one layer; use scan=False")
 
   @property
   def grid_size(self) -> int:
@@ -141,6 +147,17 @@ class ViT(nnx.Module):
     pos = self.posemb[...] if self.posemb is not None else layers.sincos_2d(g, cfg.width)
     return x + pos.astype(dtype)
 
+  def _windows(self, x: Array) -> Array:
+    """(b, g*g, d) raster -> (b * windows, window^2, d). Windows become batch entries: every
+    block op but attention is per token, so whole blocks on windows are local attention, at
+    (window^2 / g^2) of global attention's cost."""
+    k, g = self.cfg.attn_window, self.cfg.grid_size
+    return einops.rearrange(x, "b (h kh w kw) d -> (b h w) (kh kw) d", kh=k, kw=k, h=g // k)
+
+  def _unwindows(self, x: Array) -> Array:
+    k, g = self.cfg.attn_window, self.cfg.grid_size
+    return einops.rearrange(x, "(b h w) (kh kw) d -> b (h kh w kw) d", kh=k, h=g // k, w=g // k)
+
   def __call__(self, images: Array) -> Array:
     cfg, g = self.cfg, self.cfg.grid_size
     expected = (cfg.image_size, cfg.image_size, 3)
@@ -152,22 +169,23 @@ class ViT(nnx.Module):
       # projected tokens' variance on the synthetic task) and hides position and objects.
       images = images - jnp.mean(images, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(images.dtype)
     x = self.embed_patches(images)
-    if cfg.attn_window:
-      # Windows become batch entries: every block op but attention is per token, so running
-      # whole blocks on windows is local attention, at (window^2 / grid^2) of its cost.
-      x = einops.rearrange(x, "b (h kh w kw) d -> (b h w) (kh kw) d", kh=cfg.attn_window,
-                           kw=cfg.attn_window, h=g // cfg.attn_window)
+    num_local = cfg.depth - cfg.global_blocks if cfg.attn_window else 0
     run = layers.maybe_remat(_run_block, cfg.remat)
     if cfg.scan:
+      x = self._windows(x) if num_local else x
       x, _ = nnx.scan(lambda c, blk: run(blk, c), in_axes=(nnx.Carry, 0),
                       out_axes=(nnx.Carry, 0))(x, self.blocks)
+      x = self._unwindows(x) if num_local else x
     else:
-      for block in self.blocks:
+      for i, block in enumerate(self.blocks):
+        if num_local and i == 0:
+          x = self._windows(x)
+        if num_local and i == num_local:
+          x = self._unwindows(x)
         x, _ = run(block, x)
+      if num_local == cfg.depth:
+        x = self._unwindows(x)
     x = self.norm(x).astype(x.dtype)
-    if cfg.attn_window:
-      x = einops.rearrange(x, "(b h w) (kh kw) d -> b (h kh w kw) d", kh=cfg.attn_window,
-                           h=g // cfg.attn_window, w=g // cfg.attn_window)
     out = x.reshape(images.shape[0], g, g, cfg.width)
     chex.assert_shape(out, (images.shape[0], g, g, cfg.width))
     return out
