@@ -23,6 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from parcel_jax import optim
 from parcel_jax.data import synthetic
 from parcel_jax.models import gemma, layers, vlm
 
@@ -35,7 +36,7 @@ _OWN_SCALE = flags.DEFINE_float("own_scale", 1.0, "Weight of a cell's own glyph 
 _BAG_SCALE = flags.DEFINE_float("bag_scale", 0.0, "Weight of the image's mean glyph embedding.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameters and training data.")
 
-CELLS = synthetic.CELLS * synthetic.CELLS
+NUM_CELLS = synthetic.CELLS * synthetic.CELLS
 GLYPHS = tuple(synthetic.GLYPHS)
 # Token ids: 0 pad, 1 BOS, 2 SEP, 3 EOS, then question words, rows, columns, glyphs.
 _QUESTION = ("what", "pattern", "is", "in")
@@ -50,11 +51,11 @@ TEXT = PREFIX + 2                     # answer, EOS
 def make_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
   """n examples: cell contents (n, 16) int32 (glyph index, len(GLYPHS) = empty) and text (n, TEXT)
   int32 ``BOS what pattern is in rowR colC SEP glyph EOS``."""
-  cells = np.full((n, CELLS), len(GLYPHS), np.int32)
+  cells = np.full((n, NUM_CELLS), len(GLYPHS), np.int32)
   text = np.zeros((n, TEXT), np.int32)
   for i in range(n):
     count = int(rng.integers(2, 5))
-    where = rng.choice(CELLS, count, replace=False)
+    where = rng.choice(NUM_CELLS, count, replace=False)
     names = rng.choice(len(GLYPHS), count, replace=False)
     cells[i, where] = names
     k = int(rng.integers(count))
@@ -73,8 +74,7 @@ class LookupModel(nnx.Module):
     self.norm = layers.layer_norm(width, rngs=rngs)
     self.projection = nnx.Linear(width, width, rngs=rngs)
     self.decoder = gemma.Decoder(decoder_cfg, rngs=rngs)
-    self.position = (2.0 * layers.sincos_2d(synthetic.CELLS, width) if position_code == "sincos"
-                     else jnp.zeros((CELLS, width)))
+    self.position_code = position_code
     self.own_scale, self.bag_scale = own_scale, bag_scale
 
   def anchors(self, cells: jax.Array) -> jax.Array:
@@ -82,15 +82,18 @@ class LookupModel(nnx.Module):
     own = self.content[...][cells]
     is_glyph = (cells < len(GLYPHS))[..., None]
     bag = (own * is_glyph).sum(1, keepdims=True) / is_glyph.sum(1, keepdims=True)
-    return self.projection(self.norm(self.own_scale * own + self.bag_scale * bag + self.position))
+    x = self.own_scale * own + self.bag_scale * bag
+    if self.position_code == "sincos":   # a fixed code, not a parameter
+      x = x + 2.0 * layers.sincos_2d(synthetic.CELLS, x.shape[-1]).astype(x.dtype)
+    return self.projection(self.norm(x))
 
   def __call__(self, cells: jax.Array, text: jax.Array) -> jax.Array:
     """(b, 16), (b, TEXT) -> logits over the text positions (b, TEXT, vocab)."""
     x = jnp.concatenate([self.anchors(cells), self.decoder.embed(text)], axis=1)
     b, s = x.shape[:2]
-    ar = jnp.arange(s)[None, :] >= CELLS + PREFIX     # answer and EOS are the causal suffix
+    ar = jnp.arange(s)[None, :] >= NUM_CELLS + PREFIX     # answer and EOS are the causal suffix
     hidden = self.decoder(x, input_mask=jnp.ones((b, s), bool), ar_mask=jnp.broadcast_to(ar, (b, s)))
-    return self.decoder.logits(hidden[:, CELLS:])
+    return self.decoder.logits(hidden[:, NUM_CELLS:])
 
 
 def run(config, *, steps: int, log_every: int, position_code: str, own_scale: float,
@@ -99,35 +102,33 @@ def run(config, *, steps: int, log_every: int, position_code: str, own_scale: fl
   model_cfg = config.model.copy_and_resolve_references()
   model_cfg.decoder.vocab_size = VOCAB
   decoder_cfg = vlm.model_config(model_cfg).decoder
-  model = LookupModel(decoder_cfg, position_code=position_code, own_scale=own_scale,
-                      bag_scale=bag_scale, rngs=nnx.Rngs(seed))
-  o = config.optim
-  schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, min(o.warmup_steps, steps // 2), steps,
-                                                o.lr * o.end_lr_fraction)
-  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
-                   optax.adamw(schedule, o.b1, o.b2, weight_decay=o.weight_decay))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split(LookupModel(decoder_cfg, position_code=position_code,
+                                           own_scale=own_scale, bag_scale=bag_scale,
+                                           rngs=nnx.Rngs(seed)))
+  params = nnx.to_pure_dict(state)
+  tx = optim.make_optimizer(config.optim, params, steps)   # the update rule train.py uses
+  opt_state = tx.init(params)
 
-  @nnx.jit
-  def train_step(model, optimizer, cells, text):
-    def loss_fn(model):   # predict answer and EOS from SEP and the answer
-      logits = model(cells, text)[:, PREFIX - 1:TEXT - 1]
+  @jax.jit
+  def train_step(params, opt_state, cells, text):
+    def loss_fn(params):   # predict answer and EOS from SEP and the answer
+      logits = nnx.merge(graphdef, params)(cells, text)[:, PREFIX - 1:TEXT - 1]
       return optax.softmax_cross_entropy_with_integer_labels(logits, text[:, PREFIX:]).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
-  @nnx.jit
-  def answer(model, cells, text):
-    return jnp.argmax(model(cells, text)[:, PREFIX - 1], axis=-1)
+  @jax.jit
+  def answer(params, cells, text):
+    return jnp.argmax(nnx.merge(graphdef, params)(cells, text)[:, PREFIX - 1], axis=-1)
 
   rng = np.random.default_rng(seed)
   eval_cells, eval_text = make_batch(np.random.default_rng(10_000 + seed), 512)
   history, start = [], time.time()
   for step in range(1, steps + 1):
-    loss = train_step(model, optimizer, *make_batch(rng, config.train.batch_size))
+    params, opt_state, loss = train_step(params, opt_state, *make_batch(rng, config.train.batch_size))
     if step % log_every == 0 or step == steps:
-      em = float(np.mean(np.asarray(answer(model, eval_cells, eval_text)) == eval_text[:, PREFIX]))
+      em = float(np.mean(np.asarray(answer(params, eval_cells, eval_text)) == eval_text[:, PREFIX]))
       history.append((step, em))
       print(f"step {step} loss {float(loss):.3f} exact match {em:.3f} ({time.time() - start:.0f} s)",
             flush=True)

@@ -169,22 +169,21 @@ class ViT(nnx.Module):
       # projected tokens' variance on the synthetic task) and hides position and objects.
       images = images - jnp.mean(images, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(images.dtype)
     x = self.embed_patches(images)
+    # Blocks [0, num_local) run on windows; scan=True only allows all of them or none.
     num_local = cfg.depth - cfg.global_blocks if cfg.attn_window else 0
+    if num_local:
+      x = self._windows(x)
     run = layers.maybe_remat(_run_block, cfg.remat)
     if cfg.scan:
-      x = self._windows(x) if num_local else x
       x, _ = nnx.scan(lambda c, blk: run(blk, c), in_axes=(nnx.Carry, 0),
                       out_axes=(nnx.Carry, 0))(x, self.blocks)
-      x = self._unwindows(x) if num_local else x
     else:
       for i, block in enumerate(self.blocks):
-        if num_local and i == 0:
-          x = self._windows(x)
-        if num_local and i == num_local:
+        if num_local and i == num_local:   # the first global block
           x = self._unwindows(x)
         x, _ = run(block, x)
-      if num_local == cfg.depth:
-        x = self._unwindows(x)
+    if num_local == cfg.depth:
+      x = self._unwindows(x)
     x = self.norm(x).astype(x.dtype)
     out = x.reshape(images.shape[0], g, g, cfg.width)
     chex.assert_shape(out, (images.shape[0], g, g, cfg.width))
