@@ -86,7 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # -------------------------------------------------------------- budgets
   c.budget = ml_collections.ConfigDict()            # parcel_jax/budgets.py
   c.budget.sampling = "per_batch"   # per_batch | per_example (bucket per batch, budget per example)
-  c.budget.distribution = "uniform"  # uniform | log_uniform over the method's budget space
+  c.budget.distribution = "log_uniform"  # uniform | log_uniform over the method's budget space;
+                                    # log-uniform draws half its steps at B <= 64 (a third of
+                                    # B = 256's cost): more steps in the same time (docs/RESULTS.md, 2g)
   c.budget.ramp_fraction = 0.5      # curriculum: over this fraction of train.num_steps the largest
                                     # open budget rises geometrically from the smallest to the largest;
                                     # 0 = every budget from step 0. Few tokens first: the decoder learns
@@ -124,13 +126,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
-  c.train.num_steps = 3400          # README command 1 in 828 s of its 900 (docs/RESULTS.md, 2e)
+  c.train.num_steps = 5800          # what README command 1 fits in its 900 s (docs/RESULTS.md, 2g)
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
   c.train.on_nonfinite = "skip"      # skip (no update, counted) | stop
   c.train.stop_at = 0                # end this process after this step (checkpointed; the
                                      # schedule still spans num_steps); 0 = run to num_steps
+  c.train.host_malloc = "auto"       # auto | reuse | system: "reuse" keeps XLA:CPU's per-step buffers
+                                     # mapped between steps (1.3-1.5x faster CPU steps; parcel_jax/
+                                     # host_memory.py); auto = reuse when JAX runs on CPU only
   c.train.compilation_cache_dir = ""  # JAX persistent compilation cache directory (reused across
                                      # runs and restarts); "" = off
 

@@ -356,9 +356,11 @@ def format_report(report: dict) -> str:
 def main(argv) -> None:
   from absl import flags
 
+  from parcel_jax import host_memory
   from parcel_jax import train as train_lib
 
   del argv
+  host_memory.configure("auto")  # before JAX's backend starts
   train_lib._quiet_library_logs()
   f = flags.FLAGS
   out = f.out or os.path.join(f.workdir[0], "budget_eval")

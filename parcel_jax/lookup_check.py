@@ -23,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from parcel_jax import optim
+from parcel_jax import host_memory, optim
 from parcel_jax.data import synthetic
 from parcel_jax.models import gemma, layers, vlm
 
@@ -137,6 +137,7 @@ def run(config, *, steps: int, log_every: int, position_code: str, own_scale: fl
 
 def main(argv):
   del argv
+  host_memory.configure(_CONFIG.value.train.host_malloc)  # before JAX's backend starts
   run(_CONFIG.value, steps=_STEPS.value, log_every=_LOG_EVERY.value,
       position_code=_POSITION_CODE.value, own_scale=_OWN_SCALE.value, bag_scale=_BAG_SCALE.value,
       seed=_SEED.value)

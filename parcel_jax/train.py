@@ -30,6 +30,7 @@ from parcel_jax import budgets as budgets_lib
 from parcel_jax import checkpoint as ckpt_lib
 from parcel_jax import evaluate as evaluate_lib
 from parcel_jax import flops as flops_lib
+from parcel_jax import host_memory
 from parcel_jax import metrics as metrics_lib
 from parcel_jax import optim, sharding
 from parcel_jax.data import pipeline
@@ -79,7 +80,8 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[vlm.ModelConfig,
   spec = budgets_lib.BudgetSpec.from_config(config.model.connector, grid)
   for field, value, allowed in (("budget.sampling", config.budget.sampling, budgets_lib.SAMPLING_MODES),
                                 ("budget.distribution", config.budget.distribution, budgets_lib.DISTRIBUTIONS),
-                                ("train.on_nonfinite", config.train.on_nonfinite, ("skip", "stop"))):
+                                ("train.on_nonfinite", config.train.on_nonfinite, ("skip", "stop")),
+                                ("train.host_malloc", config.train.host_malloc, host_memory.MODES)):
     if value not in allowed:
       raise ValueError(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
   for field in ("train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
@@ -405,6 +407,10 @@ def main(argv):
   _quiet_library_logs()
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
+  try:  # first: it only takes effect before JAX's backend threads exist
+    host_memory.configure(FLAGS.config.train.host_malloc)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if FLAGS.config.train.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", FLAGS.config.train.compilation_cache_dir)
   try:

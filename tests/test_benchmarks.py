@@ -76,6 +76,15 @@ def test_mfu():
   assert m and 0 < float(m.group(1)) < 1.5, out  # a ratio of measured rates, not a constant
 
 
+def test_host_malloc():
+  out = run_benchmark("host_malloc.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16,)}),
+                      "--budgets=16", "--steps=3", "--rounds=1")
+  rows = re.findall(rf"^  (system|reuse)\s+B=16:\s+{NUMBER} ms/step,\s+[0-9]+ minor faults/step", out, re.M)
+  assert sorted(mode for mode, _ in rows) == ["reuse", "system"] and all(float(ms) > 0 for _, ms in rows), out
+  m = re.search(rf"ratio reuse / system step time: B=16 {NUMBER}x", out)
+  assert m and float(m.group(1)) > 0, out
+
+
 def test_config_speed():
   # Variant 2 changes the batch size: each variant's step gets its own batch and budgets.
   out = run_benchmark("config_speed.py", *cli_overrides(**TINY, **{"model.connector.budgets": (16,)}),

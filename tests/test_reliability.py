@@ -171,6 +171,7 @@ def test_nonfinite_step_leaves_state_untouched():
     ({"budget.sampling": "per_token"}, r"budget.sampling='per_token' is unknown"),
     ({"eval.budgets": (3, 5)}, r"eval.budgets=\(3, 5\) has no budget of method 'parcel'"),
     ({"budget.ramp_fraction": 1.5}, r"budget.ramp_fraction=1.5 must be in \[0, 1\]"),
+    ({"train.host_malloc": "jemalloc"}, r"train.host_malloc='jemalloc' is unknown; allowed: auto, reuse, system"),
 ])
 def test_config_errors_name_the_field(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -1,0 +1,84 @@
+"""Host memory for XLA:CPU: reuse each step's buffers instead of mapping them afresh.
+
+XLA:CPU allocates an execution's temporary buffer (every live activation of the step:
+~660 MB for the embedded default's train step at B = 256) with ``malloc`` on its worker
+threads. glibc serves a request that large on a thread's own arena with a fresh ``mmap``
+and returns it with ``munmap`` on free, so every step faults in every page again: ~160 k
+minor page faults per B = 256 step, a third of the step in the kernel (docs/RESULTS.md,
+2g). With a single arena, no ``mmap`` for large blocks and no trimming, the freed block
+stays in the heap and the next step reuses its pages.
+
+This is process-wide and must run before JAX starts its backend (the worker threads attach
+to arenas on their first allocation), so ``train.main`` calls it first. It only pays on the
+CPU backend; on accelerator hosts the step's buffers live on the device and one arena
+would only serialise the input pipeline's threads, so ``auto`` leaves those alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import sys
+
+import jax
+from absl import logging
+
+MODES = ("auto", "reuse", "system")
+
+# mallopt(3) parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+
+def _glibc() -> ctypes.CDLL | None:
+  if not sys.platform.startswith("linux"):
+    return None
+  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+def _backends_started() -> bool:
+  from jax._src import xla_bridge  # no public query for "has a backend been created yet"
+  return xla_bridge.backends_are_initialized()
+
+
+def cpu_only() -> bool:
+  """Whether JAX will run on the CPU backend, decided without starting a backend: the
+  ``jax_platforms`` setting if given, else whether an accelerator plugin is installed."""
+  platforms = jax.config.jax_platforms
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
+
+
+def configure(mode: str = "auto") -> bool:
+  """Applies ``mode`` (``train.host_malloc``) to this process's glibc malloc; returns whether
+  it changed anything.
+
+  ``reuse``: one arena, large blocks from the heap, freed memory kept (the process's resident
+  size stays at its peak). ``system``: glibc's defaults. ``auto``: ``reuse`` when JAX will run
+  on CPU only, ``system`` otherwise.
+  """
+  if mode not in MODES:
+    raise ValueError(f"train.host_malloc={mode!r}: expected one of {', '.join(MODES)}")
+  if mode == "system" or (mode == "auto" and not cpu_only()):
+    return False
+  libc = _glibc()
+  if libc is None:
+    logging.info("host_malloc=%s: not glibc on Linux; leaving malloc as it is", mode)
+    return False
+  if _backends_started():
+    logging.warning("host_malloc=%s: JAX's backend is already running (its threads hold their "
+                    "arenas); set it before the first JAX computation. Leaving malloc as it is.", mode)
+    return False
+  ok = all(libc.mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20)))
+  if not ok:
+    logging.warning("host_malloc=%s: mallopt refused a setting; malloc may be partly tuned", mode)
+  return ok
