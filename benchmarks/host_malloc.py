@@ -32,7 +32,8 @@ MODES = ("system", "reuse")
 def time_steps(config, mode: str) -> None:
   """Child: configure malloc, then print 'B ms_per_step faults_per_step sys_ms_per_step' lines."""
   from parcel_jax import host_memory
-  assert host_memory.configure(mode) == (mode == "reuse"), "host_malloc did not take effect"
+  if host_memory.configure(mode) != (mode == "reuse"):
+    raise RuntimeError(f"host_malloc={mode} did not take effect in this process")
   import jax
   import jax.numpy as jnp
   import common  # noqa: E402  (benchmarks/common.py)

@@ -17,7 +17,6 @@ would only serialise the input pipeline's threads, so ``auto`` leaves those alon
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import sys
@@ -37,7 +36,7 @@ _M_ARENA_MAX = -8
 def _glibc() -> ctypes.CDLL | None:
   if not sys.platform.startswith("linux"):
     return None
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  libc = ctypes.CDLL(None)   # the malloc this process already uses, not a library found anew
   return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
@@ -66,7 +65,7 @@ def configure(mode: str = "auto") -> bool:
   on CPU only, ``system`` otherwise.
   """
   if mode not in MODES:
-    raise ValueError(f"train.host_malloc={mode!r}: expected one of {', '.join(MODES)}")
+    raise ValueError(f"train.host_malloc={mode!r} is unknown; allowed: {', '.join(MODES)}")
   if mode == "system" or (mode == "auto" and not cpu_only()):
     return False
   libc = _glibc()
