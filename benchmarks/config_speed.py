@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
+import common  # noqa: E402
+from parcel_jax import host_memory  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config of variant 0.")
 flags.DEFINE_multi_string("variant", [], "Comma-separated dotted.field=value overrides; repeatable.")
@@ -48,6 +49,7 @@ def with_overrides(config, spec: str):
 
 def main(argv):
   del argv
+  host_memory.configure(FLAGS.config.train.host_malloc)  # as train.py: before JAX's backend starts
   specs = [""] + list(FLAGS.variant)
   budgets = [int(b) for b in FLAGS.budgets]
   configs = [with_overrides(FLAGS.config, s) for s in specs]   # bad fields fail before compiling

@@ -80,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.decoder.local_global = False  # alternate local / global layers (needs sliding_window)
   c.model.decoder.query_scale = 0.0     # 0: head_dim ** -0.5
   c.model.decoder.rope_base = 10_000.0
+  c.model.decoder.prefix_token_shift = 3  # not Gemma: each prompt token's embedding also gets a learned
+                                   # mix of the 3 before it, so "red" in "is the red" differs from
+                                   # "to the red" (relation's subject vs reference); 0 = off
+                                   # (docs/RESULTS.md, 2h)
   c.model.decoder.scan = False
   c.model.decoder.remat = "none"
 

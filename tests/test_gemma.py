@@ -69,6 +69,7 @@ def test_param_count_without_allocating(variant, scan, expected):
     (dict(remat="maybe"), "remat"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(depth=3, scan=True), "depth"),
+    (dict(prefix_token_shift=-1), "prefix_token_shift"),
 ])
 def test_config_validation(overrides, field):
   with pytest.raises(ValueError, match=field):
@@ -209,6 +210,41 @@ def test_embed_scales_by_sqrt_width():
   model = gemma.Decoder(GEMMA2_TINY, rngs=nnx.Rngs(0))
   tokens = jnp.array([[1, 5, 127]])
   np.testing.assert_allclose(model.embed(tokens), model.embedding[...][tokens] * np.sqrt(128.0), rtol=1e-6)
+
+
+def test_prefix_token_shift_matches_reference():
+  rng, seed = fresh_rng()
+  cfg = dataclasses.replace(GEMMA2_TINY, prefix_token_shift=3)
+  model = gemma.Decoder(cfg, rngs=nnx.Rngs(seed))
+  taps = rng.standard_normal((3, cfg.width)).astype(np.float32)
+  model.token_shift[...] = jnp.asarray(taps)
+  tokens = rng.integers(0, cfg.vocab_size, size=(4, 12))
+  mask = rng.random((4, 12)) < 0.7          # any pattern: prompts, suffixes, padding
+  plain = np.asarray(model.embed(jnp.asarray(tokens)))
+  shifted = np.asarray(model.embed(jnp.asarray(tokens), shift_mask=jnp.asarray(mask)))
+  expected = plain.copy()
+  for n in range(4):
+    for t in range(12):
+      if mask[n, t]:
+        for k in (1, 2, 3):
+          if t - k >= 0 and mask[n, t - k]:
+            expected[n, t] += taps[k - 1] * plain[n, t - k]
+  np.testing.assert_allclose(shifted, expected, rtol=1e-5, atol=1e-4)
+  # Unmasked positions (the answer, padding) keep their plain embedding and feed nobody.
+  np.testing.assert_array_equal(shifted[~mask], plain[~mask])
+
+
+def test_prefix_token_shift_initial_taps_and_off():
+  cfg = dataclasses.replace(GEMMA2_TINY, prefix_token_shift=2)
+  model = gemma.Decoder(cfg, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(model.token_shift[...], np.ones((2, cfg.width), np.float32))
+  tokens = jnp.array([[1, 5, 9, 7]])
+  plain = model.embed(tokens)
+  np.testing.assert_allclose(model.embed(tokens, shift_mask=jnp.ones((1, 4), bool))[0, 3],
+                             plain[0, 3] + plain[0, 2] + plain[0, 1], rtol=1e-6)
+  off = gemma.Decoder(GEMMA2_TINY, rngs=nnx.Rngs(0))   # Gemma: no taps, the mask changes nothing
+  assert not hasattr(off, "token_shift")
+  np.testing.assert_array_equal(off.embed(tokens, shift_mask=jnp.ones((1, 4), bool)), off.embed(tokens))
 
 
 # ------------------------------------------------------------------ KV cache

@@ -74,6 +74,7 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   d.local_global = True
   d.query_scale = 256 ** -0.5        # Gemma-2 2B: query_pre_attn_scalar = 256
   d.rope_base = 10_000.0
+  d.prefix_token_shift = 0           # Gemma 2 has none (its checkpoints hold no such weights)
   d.window_prefix = "window"         # window | full: local layers and the prefix (equal below 4096 tokens)
   d.scan = True
   d.remat = "full"

@@ -69,6 +69,11 @@ class DecoderConfig:
   local_global: bool = False            # alternate local / global layers, local first
   query_scale: float | None = None      # None: head_dim ** -0.5
   rope_base: float = 10_000.0
+  # Token shift on the prompt (not in Gemma; 0 = off): each prefix text token's embedding plus a
+  # learned per-channel mix of the embeddings of the this-many text tokens before it. A word's
+  # role then shows in its own embedding (``red`` after ``is the`` vs after ``to the``), which a
+  # two-layer decoder otherwise has to work out with attention before it can use it.
+  prefix_token_shift: int = 0
   # How local (sliding-window) layers treat the bidirectional prefix (image + prompt):
   # 'window': every pair needs |pos_i - pos_j| < window, prefix included (big_vision);
   # 'full': prefix tokens see the whole prefix, the window applies to suffix queries
@@ -102,6 +107,8 @@ class DecoderConfig:
     if self.local_global and self.scan and self.depth % 2:
       raise ValueError(f"DecoderConfig.depth={self.depth} must be even with local_global and scan "
                        "(layers are scanned in (local, global) pairs)")
+    if int(self.prefix_token_shift) < 0:
+      raise ValueError(f"DecoderConfig.prefix_token_shift={self.prefix_token_shift} must be >= 0")
     layers.check_remat(self.remat, "DecoderConfig.remat")
 
   def is_local(self, layer: int) -> bool:
@@ -270,15 +277,35 @@ class Decoder(nnx.Module):
     else:
       self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.final_norm = layers.RMSNorm(cfg.width, param_dtype=cfg.param_dtype)
+    if cfg.prefix_token_shift:
+      # Tap k (row k - 1) weighs the token k places back; all 1 at the start, so the role a
+      # word's neighbours give it is visible from step 0 (zeros learn the same taps far later).
+      self.token_shift = nnx.Param(layers.param_init(nnx.initializers.ones, (None, "embed"))(
+          rngs.params(), (cfg.prefix_token_shift, cfg.width), cfg.param_dtype))
 
   @property
   def dtype(self):
     return self.cfg.dtype or jnp.float32
 
-  def embed(self, tokens: Array) -> Array:
-    """(b, L) int32 -> (b, L, width), scaled by sqrt(width) in the compute dtype (as Gemma)."""
+  def embed(self, tokens: Array, shift_mask: Array | None = None) -> Array:
+    """(b, L) int32 -> (b, L, width), scaled by sqrt(width) in the compute dtype (as Gemma).
+
+    shift_mask: None, or (b, L) bool: the positions that take ``prefix_token_shift`` (the
+      prompt's valid tokens), mixing in the valid tokens before them. None (decoding one
+      answer token at a time) applies no shift, as the suffix never has one.
+    """
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
-    return x * jnp.sqrt(self.cfg.width).astype(self.dtype)
+    x = x * jnp.sqrt(self.cfg.width).astype(self.dtype)
+    if not self.cfg.prefix_token_shift or shift_mask is None:
+      return x
+    shift_mask = shift_mask.astype(bool)
+    taps = self.token_shift[...].astype(self.dtype)
+    source = x * shift_mask[..., None]     # only prompt tokens are mixed in
+    mixed = x
+    for k in range(1, self.cfg.prefix_token_shift + 1):
+      before = jnp.pad(source, ((0, 0), (k, 0), (0, 0)))[:, :x.shape[1]]
+      mixed = mixed + taps[k - 1] * before
+    return jnp.where(shift_mask[..., None], mixed, x)
 
   def logits(self, hidden: Array) -> Array:
     """(..., width) -> float32 (..., vocab): tied embedding, final soft-cap."""

@@ -81,11 +81,15 @@ class VLM(nnx.Module):
     return self.projection(tokens), mask
 
   def decoder_inputs(self, features: Array, text: Array, text_mask: Array, *, bucket: Bucket,
-                     budgets: Array) -> tuple[Array, Array]:
+                     budgets: Array, ar_mask: Array | None = None) -> tuple[Array, Array]:
     """The decoder's input sequence ``[visual tokens (bucket.num_slots); embedded text (L)]``
-    (b, slots + L, Dl) and its validity mask (b, slots + L)."""
+    (b, slots + L, Dl) and its validity mask (b, slots + L). ``ar_mask`` (b, L) marks the
+    causal suffix; None = the text is all prompt (prefill)."""
     visual, visual_mask = self.visual_tokens(features, bucket, budgets)
-    embedded = self.decoder.embed(text)
+    prompt = text_mask.astype(bool)
+    if ar_mask is not None:
+      prompt = prompt & ~ar_mask.astype(bool)
+    embedded = self.decoder.embed(text, shift_mask=prompt)
     x = jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1)
     return x, jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
 
@@ -100,7 +104,8 @@ class VLM(nnx.Module):
     Returns: (b, L, vocab).
     """
     b, length = text.shape
-    x, input_mask = self.decoder_inputs(features, text, text_mask, bucket=bucket, budgets=budgets)
+    x, input_mask = self.decoder_inputs(features, text, text_mask, bucket=bucket, budgets=budgets,
+                                        ar_mask=ar_mask)
     ar = jnp.concatenate([jnp.zeros((b, bucket.num_slots), bool), ar_mask.astype(bool)], axis=1)
     hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
     logits = self.decoder.logits(hidden[:, bucket.num_slots:])

@@ -32,7 +32,9 @@ E = LLM width, K kv heads, F LLM MLP, V vocabulary::
 Norm scales are stored as in our modules (RMSNorm: the ``w`` of ``1 + w``). The
 connector has no big_vision counterpart: ``export_npz`` writes it under ``connector/...``
 (our own names) so that a round trip is exact, and ``load_npz`` reads it when present
-and otherwise keeps its initialisation.
+and otherwise keeps its initialisation. Neither has Gemma the decoder's prompt token shift
+(``prefix_token_shift`` > 0, ours): it travels as ``decoder/token_shift``, and a checkpoint
+without it does not load into a model that has one (the error names it).
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def param_mapping(model_cfg, vit_scanned: bool = True, llm_scanned: bool = True)
       "decoder/embedding": Source(("llm/embedder/input_embedding",)),
       "decoder/final_norm/scale": Source(("llm/final_norm/scale",)),
   }
+  if d.prefix_token_shift:
+    m["decoder/token_shift"] = Source(("decoder/token_shift",))
   if v.posemb == "learn":
     m["vision/posemb"] = Source(("img/pos_embedding",), lambda x: np.asarray(x)[0])
   for i in range(v.depth):
@@ -206,6 +210,8 @@ def export_npz(params, model_cfg, path: str, *, include_connector: bool = True) 
   if d.post_norms:
     out["llm/layers/post_attention_norm/scale"] = stack(lay + "post_attn_norm/scale", n=d.depth)
     out["llm/layers/post_ffw_norm/scale"] = stack(lay + "post_mlp_norm/scale", n=d.depth)
+  if d.prefix_token_shift:
+    out["decoder/token_shift"] = flat["decoder/token_shift"]
   if include_connector:
     out.update({p: x for p, x in flat.items() if p.startswith("connector/")})
   np.savez(path, **out)

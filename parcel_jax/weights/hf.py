@@ -146,7 +146,8 @@ def config_from_hf(config: str | Mapping[str, Any]) -> dict[str, dict[str, Any]]
       num_heads=int(heads), num_kv_heads=int(text.get("num_key_value_heads") or heads),
       head_dim=int(text.get("head_dim") or text["hidden_size"] // heads), rope_base=float(rope),
       post_norms=False, attn_softcap=0.0, final_softcap=0.0, sliding_window=0,
-      local_global=False, query_scale=0.0, window_prefix="window")
+      local_global=False, query_scale=0.0, window_prefix="window",
+      prefix_token_shift=0)  # Gemma embeds each token alone
   if text_type == "gemma2":
     depth = decoder["depth"]
     types = text.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
