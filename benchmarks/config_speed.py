@@ -22,8 +22,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-import common  # noqa: E402
-from parcel_jax import host_memory  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
+import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
+from parcel_jax import host_memory  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config of variant 0.")
 flags.DEFINE_multi_string("variant", [], "Comma-separated dotted.field=value overrides; repeatable.")
