@@ -76,8 +76,11 @@ def _decode(graphdef, params, first, cache, *, max_new_tokens, eos_id, stop_at_e
   """Greedy decoding from ``first`` (b,): tokens (b, max_new_tokens) int32.
 
   Token i is emitted, then fed through ``decode_step`` to produce token i + 1. With
-  ``stop_at_eos`` the loop ends once every row has emitted EOS (later slots hold EOS)."""
-  decoder = nnx.merge(graphdef, params).decoder
+  ``stop_at_eos`` the loop ends once every row has emitted EOS (later slots hold EOS).
+
+  The model is merged inside the loop body, not around the loop: NNX variables belong to
+  the trace level they were created at, and a scanned decoder (``decoder.scan=True``) passes
+  its layers to ``nnx.scan``, which refuses variables from an outer trace."""
   b = first.shape[0]
 
   def cond(state):
@@ -88,6 +91,7 @@ def _decode(graphdef, params, first, cache, *, max_new_tokens, eos_id, stop_at_e
     i, token, cache, tokens, done = state
     tokens = tokens.at[:, i].set(token)
     done = done | (token == eos_id)
+    decoder = nnx.merge(graphdef, params).decoder
     hidden, cache = decoder.decode_step(decoder.embed(token[:, None]), cache)
     token = jnp.argmax(decoder.logits(hidden[:, 0]), -1).astype(jnp.int32)
     return i + 1, token, cache, tokens, done

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from configs.paligemma2 import none_224, parcel_224
 from parcel_jax import evaluate, predict, runs, sharding, train
 from parcel_jax.data import synthetic
 from tests.conftest import run_cli, tiny_config
@@ -88,6 +89,62 @@ def test_kv_cache_equals_recompute(random_run, budget):
   cached = predict.greedy_tokens(random_run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
   assert cached.shape == (2, NEW_TOKENS)
   np.testing.assert_array_equal(cached, recompute_tokens(random_run, features, prefix, budget, NEW_TOKENS))
+
+
+def scanned_recipe_run(config, budget, *, seed=0, attempts=10):
+  """A random model of a PaliGemma-2 recipe config (configs/paligemma2) at tiny widths.
+
+  What the recipe sets stays: scanned decoder layers with full rematerialisation,
+  Gemma-2 (local, global) pairs (post-norms, soft-caps, GQA), bfloat16 compute with float32
+  parameters, the image size (so the 16 x 16 or 32 x 32 grid) and the connector method. The
+  window (16) is shorter than every sequence, so the cache's positions matter on local layers.
+  Parameters are drawn as in ``random_run``, from fixed seeds (deterministic), and redrawn
+  until the greedy answer at ``budget`` varies. Returns the run, random ViT features and the
+  prompts.
+  """
+  with config.unlocked():
+    config.data.name = "synthetic"  # no tokenizer file; the vocabulary is the synthetic one's
+    config.data.max_text_len = 16
+    v = config.model.vision
+    v.width, v.depth, v.mlp_dim, v.num_heads = 32, 2, 64, 2
+    config.model.connector.num_heads, config.model.connector.mlp_dim = 2, 64
+    d = config.model.decoder
+    d.vocab_size, d.width, d.depth, d.mlp_dim = 0, 32, 4, 64
+    d.num_heads, d.num_kv_heads, d.head_dim = 2, 1, 16
+    d.sliding_window, d.query_scale = 16, 0.0
+    config.mesh.shape = (-1, 1, 1)
+  model_cfg, spec = train.validate_config(config)
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  graphdef, target = runs.abstract_params(model_cfg, mesh)
+  run = runs.Run(config, model_cfg, spec, graphdef, None, mesh)
+  rng = np.random.default_rng(seed)
+  normal = lambda x, std: jax.device_put(std * rng.standard_normal(x.shape, np.float32), x.sharding)
+  # Random ViT features (b, g, g, width) stand in for encoded images (the ViT is not what is
+  # tested, and compiling it would double the test's time).
+  grid = model_cfg.vision.image_size // model_cfg.vision.patch_size
+  features = jnp.asarray(rng.standard_normal((len(QUESTIONS), grid, grid, model_cfg.vision.width),
+                                             np.float32))
+  prefix = np.stack([predict.prompt_tokens(q) for q in QUESTIONS])
+  for _ in range(attempts):
+    run.params = jax.tree.map(lambda x: normal(x, 0.5), target)
+    run.params["decoder"]["embedding"] = normal(target["decoder"]["embedding"], 0.05)
+    if len(np.unique(predict.greedy_tokens(run, features, prefix, budget, NEW_TOKENS,
+                                           stop_at_eos=False))) > 2:
+      return run, features, prefix
+  pytest.fail("no random draw gave varied greedy answers")
+
+
+@pytest.mark.parametrize("recipe,budget", [(parcel_224, 24), (none_224, 256)],
+                         ids=["parcel_224", "none_224"])
+def test_kv_cache_equals_recompute_scanned_recipe(recipe, budget):
+  """The PaliGemma-2 recipes scan their decoder layers: ``_decode``'s while loop must run the
+  scanned stack (nnx.scan inside jax.lax.while_loop) and agree with the full forward pass."""
+  run, features, prefix = scanned_recipe_run(recipe.get_config(), budget)
+  d = run.model_cfg.decoder  # the recipe's, shrunk
+  assert d.scan and d.remat == "full" and d.local_global and d.post_norms and d.dtype == jnp.bfloat16
+  cached = predict.greedy_tokens(run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
+  assert cached.shape == (2, NEW_TOKENS)
+  np.testing.assert_array_equal(cached, recompute_tokens(run, features, prefix, budget, NEW_TOKENS))
 
 
 def test_prompt_layout():
