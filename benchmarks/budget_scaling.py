@@ -5,10 +5,10 @@ r"""Train-step and prefill time vs the visual-token budget, next to the FLOP rat
 One process, the embedded default (``configs/base.py``: tiny CPU model, PARCEL connector),
 randomly initialised. For every budget B it times
 
-  train step  ``train.make_train_step`` through a ``train.CompiledSteps`` (one AOT program per
+  train step  ``train_step_lib.make_train_step`` through a ``train_step_lib.CompiledSteps`` (one AOT program per
               bucket, exactly as ``parcel_jax.train`` runs it) on one batch of the Grain
               training pipeline, the whole batch at budget B (bucket ``spec.bucket(B)``);
-  prefill     ``evaluate.encode_images`` + ``predict._prefill`` (connector -> projection ->
+  prefill     ``evaluation.encode_images`` + ``generation._prefill`` (connector -> projection ->
               ``decoder.prefill`` over ``[B visual tokens; text prefix]``) at the compact
               bucket, as ``evaluate`` / ``predict`` run it; the prefix has the cost model's
               N_t = 129 tokens (``flops.IMAGE_TEXT_TOKENS``) unless ``--prefix_len`` says otherwise.
@@ -41,8 +41,11 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from parcel_jax import config as config_lib  # noqa
+from parcel_jax import state as state_lib  # noqa
+from parcel_jax import train_step as train_step_lib  # noqa
 from parcel_jax import budgets as budgets_lib  # noqa: E402
-from parcel_jax import evaluate, predict, sharding, train  # noqa: E402
+from parcel_jax import evaluation, generation, sharding  # noqa: E402
 from parcel_jax import flops as flops_lib  # noqa: E402
 from parcel_jax.data import pipeline  # noqa: E402
 
@@ -70,20 +73,20 @@ def block(tree):
 def main(argv):
   del argv
   config = FLAGS.config
-  model_cfg, spec = train.validate_config(config)  # fills decoder.vocab_size in place
+  model_cfg, spec = config_lib.validate_config(config)  # fills decoder.vocab_size in place
   budgets = sorted({int(b) for b in FLAGS.budgets})
   for b in budgets:
     spec.route(b)  # ValueError naming the allowed budgets
   ref = budgets[-1]
   mesh = sharding.make_mesh(config.mesh.shape)
-  train.check_batch_divisible(config, mesh)
+  config_lib.check_batch_divisible(config, mesh)
   bs = config.train.batch_size
 
   # ------------------------------------------------------------- state, data
-  graphdef, tx, params, opt_state = train.init_state(
+  graphdef, tx, params, opt_state = state_lib.init_state(
       model_cfg, config.optim, config.train.num_steps, mesh, config.seed,
       rules=sharding.rules_from_config(config.mesh))
-  step_fn = train.make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps, mesh=mesh)
+  step_fn = train_step_lib.make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps, mesh=mesh)
   state_shardings = (sharding.tree_shardings(params), sharding.tree_shardings(opt_state))
   local = next(iter(pipeline.build_train_dataset(config.data, seed=config.seed, global_batch_size=bs)))
   local.pop("family")
@@ -92,7 +95,7 @@ def main(argv):
   budget_arr = lambda vec: jax.make_array_from_process_local_data(batch_spec, np.asarray(vec, np.int32))
 
   # --------------------------------------------- sampler: budgets vs programs
-  steps = train.CompiledSteps(step_fn, mesh, state_shardings=state_shardings)
+  steps = train_step_lib.CompiledSteps(step_fn, mesh, state_shardings=state_shardings)
   drawn, bucket_draws, compile_s = set(), {}, {}
   for step in range(FLAGS.draws):
     bucket, vec = budgets_lib.sample_step(spec, config.seed, step, bs, mode=config.budget.sampling,
@@ -112,7 +115,7 @@ def main(argv):
       0, config.model.decoder.vocab_size, (FLAGS.prefill_batch, FLAGS.prefix_len)), jnp.int32)
   images = jnp.asarray(np.resize(local["image"], (FLAGS.prefill_batch, *local["image"].shape[1:])))
   enc_flops = flops_lib.compiled_flops(
-      evaluate.encode_images.lower(graphdef, params, images).compile())
+      evaluation.encode_images.lower(graphdef, params, images).compile())
   rows = {}
   for b in budgets:
     tb, cb = spec.bucket(b), spec.compact_bucket(b)
@@ -123,7 +126,7 @@ def main(argv):
     pre_budgets = jnp.full((FLAGS.prefill_batch,), b, jnp.int32)
     kw = dict(bucket=cb, cache_size=cb.num_slots + FLAGS.prefix_len)
     pre_flops = enc_flops + flops_lib.compiled_flops(
-        predict._prefill.lower(graphdef, params, evaluate.encode_images(graphdef, params, images),
+        generation._prefill.lower(graphdef, params, evaluation.encode_images(graphdef, params, images),
                                prefix, pre_budgets, **kw).compile())
     rows[b] = dict(train_bucket=tb, prefill_bucket=cb, vec=vec, pre_budgets=pre_budgets, kw=kw,
                    train_xla=steps.flops[tb], prefill_xla=pre_flops,
@@ -132,8 +135,8 @@ def main(argv):
                    train_t=[], prefill_t=[])
 
   def prefill(r):
-    features = evaluate.encode_images(graphdef, params, images)
-    return block(predict._prefill(graphdef, params, features, prefix, r["pre_budgets"], **r["kw"]))
+    features = evaluation.encode_images(graphdef, params, images)
+    return block(generation._prefill(graphdef, params, features, prefix, r["pre_budgets"], **r["kw"]))
 
   for r in rows.values():  # warm up the prefill (compiles both jitted pieces for this bucket)
     prefill(r)

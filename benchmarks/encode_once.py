@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from configs import base  # noqa: E402
-from parcel_jax import evaluate, runs  # noqa: E402
+from parcel_jax import evaluation, runs  # noqa: E402
 
 
 def main() -> None:
@@ -41,12 +41,12 @@ def main() -> None:
   config.data.num_threads = 0
   run = runs.init_run(config)
   budgets = tuple(int(b) for b in args.budgets.split(","))
-  spec, budgets = evaluate.run_budgets(run, budgets)
+  spec, budgets = evaluation.run_budgets(run, budgets)
 
   def once(encode_once: bool, num_examples: int) -> float:
-    cfg = evaluate._with_eval(run.config, num_examples, args.batch_size)
+    cfg = evaluation._with_eval(run.config, num_examples, args.batch_size)
     start = time.perf_counter()
-    evaluate.evaluate(run.graphdef, run.params, cfg, spec, budgets, run.mesh, progress=False,
+    evaluation.evaluate(run.graphdef, run.params, cfg, spec, budgets, run.mesh, progress=False,
                       encode_once=encode_once)
     return time.perf_counter() - start
 

@@ -11,7 +11,7 @@ One process, the config's data, batch size and ``data.num_threads`` (default: sy
               buffer is drained (untimed), so buffered batches made while the train step ran
               do not count; after it, the refill of the buffer is waited out, so the pipeline's
               threads are idle while the train step is timed.
-  train step  examples/s of the jitted train step through ``train.CompiledSteps`` over the
+  train step  examples/s of the jitted train step through ``train_step_lib.CompiledSteps`` over the
               default's bucket mix: the sampler (``budgets.sample_step``, the config's mode and
               distribution) over ``--sample_steps`` steps gives how often each bucket runs; each
               bucket's median step time is weighted by that (as a sampled run spends its time).
@@ -34,8 +34,11 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from parcel_jax import config as config_lib  # noqa
+from parcel_jax import state as state_lib  # noqa
+from parcel_jax import train_step as train_step_lib  # noqa
 from parcel_jax import budgets as budgets_lib  # noqa: E402
-from parcel_jax import sharding, train  # noqa: E402
+from parcel_jax import sharding  # noqa: E402
 from parcel_jax.data import pipeline  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
@@ -50,9 +53,9 @@ TARGET = 5.0
 def main(argv):
   del argv
   config = FLAGS.config
-  model_cfg, spec = train.validate_config(config)
+  model_cfg, spec = config_lib.validate_config(config)
   mesh = sharding.make_mesh(config.mesh.shape)
-  train.check_batch_divisible(config, mesh)
+  config_lib.check_batch_divisible(config, mesh)
   bs, buffer = config.train.batch_size, FLAGS.prefetch_buffer_size
 
   # The pipeline, as train.py builds it.
@@ -62,11 +65,11 @@ def main(argv):
   it = iter(dataset)
 
   # The train step, as train.py runs it.
-  graphdef, tx, params, opt_state = train.init_state(
+  graphdef, tx, params, opt_state = state_lib.init_state(
       model_cfg, config.optim, config.train.num_steps, mesh, config.seed,
       rules=sharding.rules_from_config(config.mesh))
-  steps = train.CompiledSteps(
-      train.make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps, mesh=mesh), mesh,
+  steps = train_step_lib.CompiledSteps(
+      train_step_lib.make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps, mesh=mesh), mesh,
       state_shardings=(sharding.tree_shardings(params), sharding.tree_shardings(opt_state)))
   local = next(it)
   local.pop("family")

@@ -1,4 +1,4 @@
-"""MFU of the embedded default's train step on this machine.
+"""MFU of the embedded default's train step on the local CPU.
 
     python benchmarks/mfu.py [--config.train.batch_size=64 ...]
 

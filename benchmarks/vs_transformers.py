@@ -20,8 +20,8 @@ call), reported separately; then ``--repeats`` interleaved rounds (the order alt
 
   forward    logits over the text prefix. Ours: ``encode_images`` + ``text_logits``, jitted;
              theirs: ``model(...)`` with ``logits_to_keep`` = the prefix length.
-  generate   ``--new_tokens`` greedy tokens. Ours: ``evaluate.encode_images`` +
-             ``predict.greedy_tokens`` (``decoder.prefill`` + KV-cache ``decode_step``s in a
+  generate   ``--new_tokens`` greedy tokens. Ours: ``evaluation.encode_images`` +
+             ``generation.greedy_tokens`` (``decoder.prefill`` + KV-cache ``decode_step``s in a
              jitted while loop, EOS not stopping it); theirs: ``model.generate(do_sample=False,
              max_new_tokens=N)`` with EOS disabled, so both emit exactly N tokens.
 
@@ -51,7 +51,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
-from parcel_jax import evaluate, predict, runs, sharding, train  # noqa: E402
+from parcel_jax import config as config_lib  # noqa
+from parcel_jax import evaluation, generation, runs, sharding  # noqa: E402
 from parcel_jax.models import vlm  # noqa: E402
 from parcel_jax.weights import hf  # noqa: E402
 
@@ -121,7 +122,7 @@ def our_run(path: str) -> runs.Run:
   hf.apply_overrides(c.model, hf.config_from_hf(path))
   grid = c.model.vision.image_size // c.model.vision.patch_size
   c.eval.budgets = (grid * grid,)
-  model_cfg, spec = train.validate_config(c)
+  model_cfg, spec = config_lib.validate_config(c)
   mesh = sharding.make_mesh((-1, 1, 1))
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(0))))
   shardings = sharding.param_shardings(abstract, mesh)
@@ -169,8 +170,8 @@ def main(argv=None) -> dict:
     return np.asarray(_forward(run.graphdef, run.params, j_images, j_text, bucket))
 
   def ours_generate():
-    features = evaluate.encode_images(run.graphdef, run.params, j_images)
-    return predict.greedy_tokens(run, features, text, budget, a.new_tokens, stop_at_eos=False)
+    features = evaluation.encode_images(run.graphdef, run.params, j_images)
+    return generation.greedy_tokens(run, features, text, budget, a.new_tokens, stop_at_eos=False)
 
   def torch_forward():
     with torch.inference_mode():

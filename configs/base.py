@@ -11,7 +11,7 @@ task on CPU in minutes. Baselines and ablations are overrides, not copies:
     --config.model.connector.conditioning=none    # ViT-only cross-attention ablation
     --config.model.connector.method=m3 --config.model.connector.budgets=16,   # pooling specialist
 
-Every field is read somewhere; `parcel_jax.train.validate_config` checks them
+Every field is read somewhere; `parcel_jax.config.validate_config` checks them
 before anything is compiled. 0 means "off"/"automatic" where a comment says so
 (ml_collections cannot override fields that default to None).
 """
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.patch_size = 4
   c.model.vision.width = 64
   c.model.vision.depth = 1         # one block: 0.7-0.85x the step time of two, and no slower to
-                                   # learn positions (docs/RESULTS.md, 2c)
+                                   # learn positions
   c.model.vision.mlp_dim = 256
   c.model.vision.num_heads = 2     # few, wide heads: at widths this small the per-head attention
                                    # maps (masks, softmax, layout copies) cost more than the matmuls
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                    # spends hundreds of steps learning to ignore the background cast)
   c.model.vision.attn_window = 0   # > 0: blocks attend only within windows of this many patches
                                    # per side (local attention); 0 = global. 2 lets the mixed family
-                                   # leave its prior but slows the others (docs/RESULTS.md, 2f)
+                                   # leave its prior when trained alone but slows the others
   c.model.vision.global_blocks = 0  # with attn_window: the last this-many blocks attend globally
   c.model.vision.scan = False      # scan over layers (one compiled layer)
   c.model.vision.remat = "none"    # none | full | dots: rematerialisation policy
@@ -83,7 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.decoder.prefix_token_shift = 3  # not Gemma: each prompt token's embedding also gets a learned
                                    # mix of the 3 before it, so "red" in "is the red" differs from
                                    # "to the red" (relation's subject vs reference); 0 = off
-                                   # (docs/RESULTS.md, 2h)
   c.model.decoder.scan = False
   c.model.decoder.remat = "none"
 
@@ -92,12 +91,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget.sampling = "per_batch"   # per_batch | per_example (bucket per batch, budget per example)
   c.budget.distribution = "log_uniform"  # uniform | log_uniform over the method's budget space;
                                     # log-uniform draws half its steps at B <= 64 (a third of
-                                    # B = 256's cost): more steps in the same time (docs/RESULTS.md, 2g)
+                                    # B = 256's cost): more steps in the same time
   c.budget.ramp_fraction = 0.5      # curriculum: over this fraction of train.num_steps the largest
                                     # open budget rises geometrically from the smallest to the largest;
                                     # 0 = every budget from step 0. Few tokens first: the decoder learns
                                     # to find objects among 16-64 tokens far sooner than among 256
-                                    # (docs/RESULTS.md, 2d)
 
   # ----------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()              # parcel_jax/data/
@@ -130,10 +128,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
-  c.train.num_steps = 5800          # what README command 1 fits in its 900 s (docs/RESULTS.md, 2g)
+  c.train.num_steps = 5800          # README command 1 in ~13 min on a 2-core CPU (759 s, pip included)
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
+  c.train.loss_chunk = 0             # > 0: the loss over this many text positions at a time, so the
+                                     # (batch, text, vocab) logits are never held at once; 0 = at once
   c.train.on_nonfinite = "skip"      # skip (no update, counted) | stop
   c.train.stop_at = 0                # end this process after this step (checkpointed; the
                                      # schedule still spans num_steps); 0 = run to num_steps

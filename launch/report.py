@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import ml_collections  # noqa: E402
 
 from parcel_jax import budgets as budgets_lib  # noqa: E402
-from parcel_jax import evaluate as evaluate_lib  # noqa: E402
+from parcel_jax import evaluation as evaluate_lib  # noqa: E402
 from parcel_jax import runs as runs_lib  # noqa: E402
 from parcel_jax.data import synthetic  # noqa: E402
 

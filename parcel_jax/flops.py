@@ -174,10 +174,10 @@ def xla_forward_flops(config, budget: int) -> float:
   import jax.numpy as jnp
   from flax import nnx
 
-  from parcel_jax import train
+  from parcel_jax import config as config_lib
   from parcel_jax.models import vlm
 
-  model_cfg, spec = train.validate_config(config)
+  model_cfg, spec = config_lib.validate_config(config)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(0))))
   v, n_t = config.model.vision, IMAGE_TEXT_TOKENS
   image = jax.ShapeDtypeStruct((1, v.image_size, v.image_size, 3), jnp.float32)

@@ -5,7 +5,7 @@ XLA:CPU allocates an execution's temporary buffer (every live activation of the 
 threads. glibc serves a request that large on a thread's own arena with a fresh ``mmap``
 and returns it with ``munmap`` on free, so every step faults in every page again: ~160 k
 minor page faults per B = 256 step, a third of the step in the kernel (docs/RESULTS.md,
-2g). With a single arena, no ``mmap`` for large blocks and no trimming, the freed block
+A8). With a single arena, no ``mmap`` for large blocks and no trimming, the freed block
 stays in the heap and the next step reuses its pages.
 
 This is process-wide and must run before JAX starts its backend (the worker threads attach

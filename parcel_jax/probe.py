@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from parcel_jax import predict, runs
+from parcel_jax import generation, runs
 from parcel_jax.data import synthetic
 
 PARTS = ("asked", "other_objects", "background", "text")
@@ -62,7 +62,7 @@ def answer_attention(run, family: str, budget: int = 64, num_examples: int = 64)
   examples of ``family``: {"parts": {part: (depth, heads) array}, "uniform_asked": float, ...}."""
   if family not in synthetic.FAMILIES:
     raise ValueError(f"family={family!r} is unknown; allowed: {', '.join(synthetic.FAMILIES)}")
-  budget = predict.check_budgets(run, [budget])[0]
+  budget = generation.check_budgets(run, [budget])[0]
   bucket = run.method_space().compact_bucket(budget)
   if bucket.anchor_grid != synthetic.SLOTS or bucket.query_slots:
     raise ValueError(f"budget {budget} of method {run.label()} is {bucket}; the probe needs pure "
@@ -74,7 +74,7 @@ def answer_attention(run, family: str, budget: int = 64, num_examples: int = 64)
     index += 1
     if ex.family == family:
       examples.append(ex)
-  prefix = np.stack([predict.prompt_tokens(e.question, run.tokenizer) for e in examples])  # one length per family
+  prefix = np.stack([generation.prompt_tokens(e.question, run.tokenizer) for e in examples])  # one length per family
   images = jnp.asarray(np.stack([e.image for e in examples]))
   maps = np.asarray(_maps(run.graphdef, run.params, images, jnp.asarray(prefix),
                           jnp.full((len(examples),), budget, jnp.int32), bucket=bucket))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import ml_collections
@@ -22,8 +21,11 @@ from absl import logging
 from flax import nnx
 
 from parcel_jax import budgets as budgets_lib
+from parcel_jax import checkpoint as ckpt_lib
+from parcel_jax import paths
 from parcel_jax import sharding
-from parcel_jax import train as train_lib
+from parcel_jax import config as config_lib
+from parcel_jax import state as state_lib
 from parcel_jax.data import pipeline
 from parcel_jax.models import vlm
 
@@ -32,7 +34,7 @@ from parcel_jax.models import vlm
 class Run:
   """Attributes:
     config: the run's ConfigDict, validated (``model.decoder.vocab_size`` filled in).
-    model_cfg, spec: from ``train.validate_config``; ``spec.budgets`` is the trained set.
+    model_cfg, spec: from ``config.validate_config``; ``spec.budgets`` is the trained set.
     graphdef, params: ``nnx.split`` of the model; params a pure dict of arrays on ``mesh``.
     workdir, step: where the parameters came from (None for ``init_run``).
   """
@@ -74,7 +76,7 @@ class Run:
     return budgets_lib.BudgetSpec.from_config(con, self.grid_size)
 
   def label(self) -> str:
-    name = os.path.basename(os.path.normpath(self.workdir)) if self.workdir else "init"
+    name = paths.basename(self.workdir) if self.workdir else "init"
     return f"{self.method} ({name})"
 
 
@@ -87,42 +89,33 @@ def _mesh(config) -> jax.sharding.Mesh:
     return sharding.make_mesh((-1, 1, 1))
 
 
-def abstract_params(model_cfg: vlm.ModelConfig, mesh, rules=None):
-  """Graph definition and the params' ShapeDtypeStructs (with shardings from the logical
-  axis ``rules``, default ``sharding.DEFAULT_RULES``): the restore target."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(0))))
-  shardings = sharding.param_shardings(abstract, mesh, rules)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
-  return graphdef, target
-
-
 def init_run(config: ml_collections.ConfigDict, *, seed: int | None = None) -> Run:
   """A Run with freshly initialised parameters (``config.seed`` unless ``seed``)."""
   config = ml_collections.ConfigDict(config.to_dict())  # validate_config fills fields in place
-  model_cfg, spec = train_lib.validate_config(config)
+  model_cfg, spec = config_lib.validate_config(config)
   mesh = _mesh(config)
   seed = config.seed if seed is None else seed
-  make = lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(seed))
-  graphdef, target = abstract_params(model_cfg, mesh, sharding.rules_from_config(config.mesh))
-  out_shardings = jax.tree.map(lambda x: x.sharding, target)
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=out_shardings)()
+  graphdef, params = state_lib.init_params(model_cfg, mesh, seed, sharding.rules_from_config(config.mesh))
   return Run(config, model_cfg, spec, graphdef, params, mesh)
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """``workdir/checkpoints``: a local absolute path, or a URI for a gs:// workdir."""
+  return paths.join(paths.normalize(workdir, "workdir"), "checkpoints")
 
 
 def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
   """A read-only manager of ``workdir``'s checkpoints; FileNotFoundError naming what is missing."""
+  workdir = paths.normalize(workdir, "workdir")
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {os.path.abspath(workdir)} does not exist")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {os.path.abspath(workdir)}: {directory} does not "
-                            "exist (train with python -m parcel_jax.train --workdir=...)")
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  ckpt_lib.check_checkpoint_directory(directory, "workdir")
+  with paths.filesystem_errors(workdir, "workdir"):
+    if not paths.isdir(workdir):
+      raise FileNotFoundError(f"workdir {workdir} does not exist")
+    if not paths.isdir(directory):
+      raise FileNotFoundError(f"no checkpoints in {workdir}: {directory} does not "
+                              "exist (train with python -m parcel_jax.train --workdir=...)")
+    return ocp.CheckpointManager(paths.to_epath(directory), options=ocp.CheckpointManagerOptions(create=False))
 
 
 def _restore_config(manager: ocp.CheckpointManager, step: int | None) -> tuple[int, dict]:
@@ -164,9 +157,9 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   try:
     step, saved = _restore_config(manager, step)
     config = ml_collections.ConfigDict(saved)
-    model_cfg, spec = train_lib.validate_config(config)
+    model_cfg, spec = config_lib.validate_config(config)
     mesh = _mesh(config)
-    graphdef, target = abstract_params(model_cfg, mesh, sharding.rules_from_config(config.mesh))
+    graphdef, target = state_lib.abstract_params(model_cfg, mesh, sharding.rules_from_config(config.mesh))
     item = {"params": target}
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -175,4 +168,4 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     manager.close()
   logging.info("restored %s step %d (method %s)", directory, step, spec.method)
   return Run(config, model_cfg, spec, graphdef, state["params"], mesh,
-             workdir=os.path.abspath(workdir), step=int(step))
+             workdir=paths.normalize(workdir), step=int(step))

@@ -11,6 +11,8 @@ called from ``train.main()`` only, never at import (Grain workers re-import modu
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Sequence
 
 import jax
@@ -36,6 +38,16 @@ DEFAULT_RULES = (
     ("tokens", None),        # learned position embeddings
     ("norm", None),          # norm scales and biases
     ("layers", None),        # stacked (scanned) layer axis: never sharded
+    # Activations (``constrain``): split by the batch over every data-parallel axis, FSDP
+    # included (FSDP gathers a layer's weights, never the activations); heads, MLP hidden
+    # and vocabulary follow their weights over 'tensor'; length and width stay whole.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 Rules = Sequence[tuple[str, Any]]
@@ -131,12 +143,46 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
   return P(*spec)
 
 
+def undivided_dims(names, shape, mesh, rules: Rules | None = None) -> list[tuple[str, int, int]]:
+  """(logical name, size, mesh-axes size) of each dimension whose rule names mesh axes that
+  do not divide it, so that ``logical_to_spec`` leaves it whole."""
+  table = dict(DEFAULT_RULES if rules is None else rules)
+  out = []
+  for name, dim in zip(names or (), shape):
+    axes = _axes(table.get(name))
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if axes and size > 1 and dim % size:
+      out.append((name, int(dim), size))
+  return out
+
+
 def param_shardings(abstract_state: nnx.State, mesh, rules: Rules | None = None):
-  """NamedShardings (pure-dict tree) for an abstract ``nnx.State`` with logical names."""
+  """NamedShardings (pure-dict tree) for an abstract ``nnx.State`` with logical names.
+
+  Logs a warning when a sizeable share of the parameters stays replicated because the mesh
+  axes do not divide their dimensions (e.g. a 1152-wide ViT under 256-way FSDP: every chip
+  then holds all of it, and its optimizer state)."""
+  whole = {"bytes": 0, "total": 0, "example": None}
+
   def one(var):
     names = var.get_metadata().get("out_sharding")
-    return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules))
+    spec = logical_to_spec(names, var.shape, mesh, rules)
+    nbytes = int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
+    whole["total"] += nbytes
+    shards = int(np.prod([mesh.shape[a] for ax in spec if ax for a in _axes(ax)]))
+    if shards == 1 and undivided_dims(names, var.shape, mesh, rules):
+      whole["bytes"] += nbytes
+      whole["example"] = whole["example"] or (names, tuple(var.shape),
+                                              undivided_dims(names, var.shape, mesh, rules)[0])
+    return NamedSharding(mesh, spec)
   tree = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if whole["total"] and whole["bytes"] > 0.05 * whole["total"]:
+    names, shape, (name, dim, size) = whole["example"]
+    logging.warning(
+        "%.0f%% of the parameters (%.2f GiB) are replicated on every device: the mesh axes do "
+        "not divide them (e.g. a %s parameter: %s=%d is no multiple of %d mesh devices). A mesh whose fsdp size "
+        "divides the model widths (mesh.shape) or mesh.rules shards them.",
+        100 * whole["bytes"] / whole["total"], whole["bytes"] / 2**30, shape, name, dim, size)
   return nnx.to_pure_dict(tree)
 
 
@@ -171,6 +217,42 @@ def optimizer_shardings(opt_state_shapes, params_shapes, params_shardings, mesh)
 def tree_shardings(tree):
   """The ``.sharding`` of every array of a pytree."""
   return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# ------------------------------------------------------------ activations
+# The modules mark their activations with logical names (``constrain``); the mesh and the
+# rules table come from the tracing context (``activation_sharding``), so a model traced
+# without one (a single device, tests, tools) carries no constraint at all.
+
+_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules", default=None)
+
+BTD = ("activation_batch", "activation_length", "activation_embed")
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules: Rules | None = None):
+  """Within this context, ``constrain`` pins activations to ``mesh`` through ``rules``
+  (default ``DEFAULT_RULES``). Enter it around tracing (``jit(...).lower``/the first call);
+  the mesh is part of jit's cache key, so programs traced outside it stay unconstrained."""
+  token = _ACTIVATION_RULES.set(tuple(DEFAULT_RULES if rules is None else rules))
+  try:
+    with jax.set_mesh(mesh):
+      yield
+  finally:
+    _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x, names: Sequence[str | None]):
+  """``with_sharding_constraint`` of activation ``x`` by logical axis ``names`` (one per
+  dimension) under the current ``activation_sharding`` context; a no-op outside one.
+  A dimension its mesh axes do not divide stays unsharded (``logical_to_spec``)."""
+  rules = _ACTIVATION_RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"constrain: {len(names)} axis names {tuple(names)} for an array of shape {x.shape}")
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
 
 
 def batch_sharding(mesh) -> NamedSharding:

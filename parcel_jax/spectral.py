@@ -204,7 +204,7 @@ def analyse_run(run, budget: int, *, num_images: int = 64, batch_size: int = 32)
   import jax.numpy as jnp
   from flax import nnx
 
-  from parcel_jax import evaluate
+  from parcel_jax import evaluation
   from parcel_jax.data import pipeline
 
   @functools.partial(jax.jit, static_argnames=("graphdef", "bucket"))
@@ -233,7 +233,7 @@ def analyse_run(run, budget: int, *, num_images: int = 64, batch_size: int = 32)
   profiles = {k: [] for k in labels}
   for start in range(0, num_images, batch_size):
     images = np.stack([source[i]["image"] for i in range(start, min(start + batch_size, num_images))])
-    features = evaluate.encode_images(run.graphdef, run.params, jnp.asarray(images))
+    features = evaluation.encode_images(run.graphdef, run.params, jnp.asarray(images))
     attn = None
     if num_queries:
       budgets = jnp.full((images.shape[0],), budget, jnp.int32)
@@ -310,10 +310,10 @@ def main(argv) -> None:
   from absl import flags
 
   from parcel_jax import runs
-  from parcel_jax import train as train_lib
+  from parcel_jax import cli
 
   del argv
-  train_lib._quiet_library_logs()
+  cli.quiet_library_logs()
   f = flags.FLAGS
   out = f.out or os.path.join(f.workdir, "spectral")
   try:

@@ -20,8 +20,11 @@ import optax
 import pytest
 
 from configs import base
+from parcel_jax import config as config_lib
+from parcel_jax import state as state_lib
+from parcel_jax import train_step as train_step_lib
 from parcel_jax import budgets as budgets_lib
-from parcel_jax import optim, sharding, train
+from parcel_jax import optim, sharding
 from parcel_jax.data import pipeline
 from parcel_jax.models import gemma, vit
 
@@ -78,7 +81,7 @@ def capturing(tx: optax.GradientTransformation) -> optax.GradientTransformation:
 
 def first_batch(config, step: int = 0):
   """Step ``step``'s global batch (numpy), bucket and per-example budgets."""
-  _, spec = train.validate_config(config)
+  _, spec = config_lib.validate_config(config)
   it = iter(pipeline.build_train_dataset(config.data, seed=config.seed,
                                          global_batch_size=config.train.batch_size))
   for _ in range(step + 1):
@@ -98,8 +101,8 @@ class Stepper:
   """
 
   def __init__(self, config, mesh, *, params=None):
-    model_cfg, _ = train.validate_config(config)
-    graphdef, tx, init_params, _ = train.init_state(
+    model_cfg, _ = config_lib.validate_config(config)
+    graphdef, tx, init_params, _ = state_lib.init_state(
         model_cfg, config.optim, config.train.num_steps, mesh, config.seed,
         rules=sharding.rules_from_config(config.mesh))
     self.param_shardings = sharding.tree_shardings(init_params)
@@ -110,9 +113,9 @@ class Stepper:
     self.opt_shardings = sharding.optimizer_shardings(opt_shapes, init_params,
                                                       self.param_shardings, mesh)
     self.mesh, self.config = mesh, config
-    self.step = train.CompiledSteps(
-        train.make_train_step(graphdef, self.tx, accum_steps=config.optim.grad_accum_steps,
-                              mesh=mesh),
+    self.step = train_step_lib.CompiledSteps(
+        train_step_lib.make_train_step(graphdef, self.tx, accum_steps=config.optim.grad_accum_steps,
+                                       mesh=mesh, loss_chunk=config_lib.loss_chunk(config)),
         mesh, state_shardings=(self.param_shardings, self.opt_shardings))
 
   def __call__(self, batch_data=None) -> dict:
@@ -193,7 +196,7 @@ def single_device_mesh():
 
 
 # ----------------------------------------------------------------------- tests
-# Three compiled steps in all: the reference, accumulation, and scan + remat.
+# Four compiled steps in all: the reference, accumulation, the chunked loss, and scan + remat.
 
 @pytest.fixture(scope="module")
 def reference():
@@ -216,12 +219,22 @@ def test_accumulation_equals_one_big_batch(reference):
   assert other["grads"] > 1e-2 and other["loss"] > 1e-4, other
 
 
+def test_chunked_loss_step_equals_full_logits_step(reference):
+  """train.loss_chunk=5 (16 text positions in 4 chunks, the last one padded) == the step
+  that computes all logits at once: loss, gradients and the AdamW step."""
+  _, data, ref = reference
+  chunked = Stepper(tiny_config(**{"train.loss_chunk": 5}), single_device_mesh())(data)
+  errors = compare(chunked, ref)
+  print("loss_chunk=5 vs full logits:", {k: f"{v:.1e}" for k, v in errors.items()})
+  assert_step_close(errors)
+
+
 def test_scan_and_remat_match_unrolled_step(reference):
   """decoder.scan=True + remat='full' (and the same for the ViT) == the plain step."""
   _, data, plain = reference
   scan_cfg = tiny_config(**{"model.decoder.scan": True, "model.decoder.remat": "full",
                             "model.vision.scan": True, "model.vision.remat": "full"})
-  model_cfg, _ = train.validate_config(scan_cfg)
+  model_cfg, _ = config_lib.validate_config(scan_cfg)
 
   def convert(p, to):
     p = dict(p)

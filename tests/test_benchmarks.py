@@ -124,3 +124,21 @@ def test_config_speed_variant_overrides_apply():
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["4", "0.003", "m3", "True"], out.stdout
+
+
+def test_real_size_prefill():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  # The real model's structure (224 px / patch 14: B = 16, 64, 256; PARCEL; Gemma-2 pairs) at tiny widths.
+  out = run_benchmark("real_size_prefill.py", "--vision_width=32", "--vision_depth=1", "--vision_mlp=64",
+                      "--vision_heads=2", "--connector_heads=2", "--connector_mlp=64", "--text_width=32",
+                      "--text_depth=2", "--text_mlp=64", "--heads=2", "--kv_heads=1", "--head_dim=16",
+                      "--vocab=300", "--repeats=1", timeout=480)
+  for b in (16, 64):
+    m = re.search(rf"^B={b} vs B=256: time ratio {NUMBER} \(cost model {NUMBER}; "
+                  rf"head on the last token only {NUMBER}\)$", out, re.M)
+    assert m and all(float(x) > 0 for x in m.groups()), out
+    # Fewer visual tokens cost fewer FLOPs; the measured time ratio is not asserted (noise).
+    assert float(m.group(2)) < 1 and float(m.group(3)) < 1, out
+  m = re.search(rf"^ratio \(torch / ours\) at 256 image tokens: {NUMBER}x$", out, re.M)
+  assert m and float(m.group(1)) > 0, out

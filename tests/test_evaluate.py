@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from parcel_jax import checkpoint as ckpt_lib
-from parcel_jax import evaluate, flops, runs
+from parcel_jax import evaluation, flops, runs
 from parcel_jax.data import pipeline
 from tests.conftest import run_cli, tiny_config
 
@@ -33,13 +33,13 @@ def tiny_run(tiny_workdir):
 
 def test_encode_once_matches_reencoding(tiny_run, monkeypatch):
   calls = []
-  real = evaluate.encode_images
-  monkeypatch.setattr(evaluate, "encode_images", lambda *a: calls.append(1) or real(*a))
+  real = evaluation.encode_images
+  monkeypatch.setattr(evaluation, "encode_images", lambda *a: calls.append(1) or real(*a))
   run = tiny_run
-  once = evaluate.evaluate(run.graphdef, run.params, run.config, run.spec, BUDGETS, run.mesh,
+  once = evaluation.evaluate(run.graphdef, run.params, run.config, run.spec, BUDGETS, run.mesh,
                            progress=False, encode_once=True)
   encodes_once = len(calls)
-  again = evaluate.evaluate(run.graphdef, run.params, run.config, run.spec, BUDGETS, run.mesh,
+  again = evaluation.evaluate(run.graphdef, run.params, run.config, run.spec, BUDGETS, run.mesh,
                             progress=False, encode_once=False)
   assert encodes_once == 2                                        # 64 examples / batch 32
   assert len(calls) - encodes_once == 2 * len(BUDGETS)            # once per batch and budget
@@ -61,7 +61,7 @@ def test_load_run_restores_trained_params(tiny_workdir, tiny_run):
   assert tiny_run.spec.budgets == (16, 24, 64, 100)
   assert tiny_run.config.model.decoder.vocab_size > 0          # filled by validate_config
   budgets = tuple(int(b) for b in trained["budgets"])
-  result = evaluate.evaluate(tiny_run.graphdef, tiny_run.params, tiny_run.config, tiny_run.spec,
+  result = evaluation.evaluate(tiny_run.graphdef, tiny_run.params, tiny_run.config, tiny_run.spec,
                              budgets, tiny_run.mesh, progress=False)
   assert result["budgets"] == trained["budgets"]
   for b in trained["token_metrics"]:
@@ -78,7 +78,7 @@ def test_load_run_missing_paths(tmp_path):
 
 
 def test_retention():
-  assert evaluate.retention({"overall": 0.45, "detail": 0.1}, {"overall": 0.9, "detail": 0.0}) == {
+  assert evaluation.retention({"overall": 0.45, "detail": 0.1}, {"overall": 0.9, "detail": 0.0}) == {
       "overall": 50.0, "detail": None}
 
 
@@ -102,9 +102,9 @@ def test_report_retention_and_flops(tiny_workdir, baselines, tmp_path, monkeypat
             "budgets": {str(b): row(b) for b in budgets},
             "token_metrics": {str(b): {"loss": 1.0, "token_accuracy": b / 256} for b in budgets}}
 
-  monkeypatch.setattr(evaluate, "evaluate", fake)
+  monkeypatch.setattr(evaluation, "evaluate", fake)
   m3_dir, ref_dir = baselines
-  report = evaluate.evaluate_workdirs([tiny_workdir, m3_dir], budgets=[16, 24, 100], reference=ref_dir,
+  report = evaluation.evaluate_workdirs([tiny_workdir, m3_dir], budgets=[16, 24, 100], reference=ref_dir,
                                       out=str(tmp_path), num_examples=8, progress=False)
   parcel, m3 = report["runs"]
   assert list(parcel["budgets"]) == ["16", "24", "100"] and list(m3["budgets"]) == ["16"]

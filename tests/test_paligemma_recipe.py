@@ -11,7 +11,7 @@ import pytest
 from tests import paligemma_fixtures as fx
 from tests.conftest import run_cli
 from configs.paligemma2 import m3_224, mqt_224, none_224, parcel_224, parcel_448
-from parcel_jax import train
+from parcel_jax import config as config_lib
 
 RECIPES = {"parcel_224": parcel_224, "m3_224": m3_224, "mqt_224": mqt_224, "none_224": none_224,
            "parcel_448": parcel_448}
@@ -22,7 +22,7 @@ def _validated(module):
   with c.unlocked():
     c.data.name = "synthetic"  # no tokenizer file needed to check the rest
     c.data.max_text_len = 16
-  return c, train.validate_config(c)
+  return c, config_lib.validate_config(c)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -43,7 +43,7 @@ def test_recipe_is_the_papers(name):
   if name == "parcel_448":
     assert v.image_size == 448 and spec.grid_size == 32
     assert spec.budgets[0] == 16 and spec.budgets[-1] == 1024 and spec.max_queries == 768
-    assert train.eval_budgets(c, spec) == (64, 256, 1024)
+    assert config_lib.eval_budgets(c, spec) == (64, 256, 1024)
   else:
     assert v.image_size == 224 and spec.grid_size == 16
     expected = {"parcel_224": tuple(range(16, 257, 2)), "m3_224": (4, 16, 64, 256),
@@ -91,7 +91,7 @@ def test_softcap_switch_survives_checkpoint_dims(tiny_world):
   c.model.decoder.final_softcap = 0.0  # transfer: soft-capping off
   c.model.connector.num_heads = 4
   c.eval.budgets = (16,)
-  model_cfg, _ = train.validate_config(c)
+  model_cfg, _ = config_lib.validate_config(c)
   assert model_cfg.decoder.final_softcap is None  # kept off (init.keep)
   assert (model_cfg.vision.image_size, model_cfg.vision.width, model_cfg.decoder.width) == (64, 32, 32)
   assert model_cfg.decoder.attn_softcap == 5.0  # the rest comes from the checkpoint

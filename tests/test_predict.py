@@ -10,7 +10,9 @@ from flax import nnx
 from PIL import Image
 
 from configs.paligemma2 import none_224, parcel_224
-from parcel_jax import evaluate, predict, runs, sharding, train
+from parcel_jax import config as config_lib
+from parcel_jax import evaluation, generation, runs, sharding
+from parcel_jax import state as state_lib
 from parcel_jax.data import synthetic
 from tests.conftest import run_cli, tiny_config
 
@@ -21,8 +23,8 @@ QUESTIONS = ("where is the red square", "where is the blue square")  # one lengt
 
 def _inputs(run):
   images = np.stack([synthetic.generate("eval", i).image for i in range(len(QUESTIONS))])
-  prefix = np.stack([predict.prompt_tokens(q) for q in QUESTIONS])
-  return evaluate.encode_images(run.graphdef, run.params, jnp.asarray(images)), prefix
+  prefix = np.stack([generation.prompt_tokens(q) for q in QUESTIONS])
+  return evaluation.encode_images(run.graphdef, run.params, jnp.asarray(images)), prefix
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,9 @@ def random_run():
   config.model.decoder.depth = 2
   config.model.decoder.local_global = True
   config.model.decoder.sliding_window = 16
-  model_cfg, spec = train.validate_config(config)
+  model_cfg, spec = config_lib.validate_config(config)
   mesh = sharding.make_mesh((-1, 1, 1))
-  graphdef, target = runs.abstract_params(model_cfg, mesh)
+  graphdef, target = state_lib.abstract_params(model_cfg, mesh)
   rng = np.random.default_rng()
   normal = lambda x, std: jax.device_put(std * rng.standard_normal(x.shape, np.float32), x.sharding)
   run = runs.Run(config, model_cfg, spec, graphdef, None, mesh)
@@ -49,7 +51,7 @@ def random_run():
     run.params = jax.tree.map(lambda x: normal(x, 0.5), target)
     run.params["decoder"]["embedding"] = normal(target["decoder"]["embedding"], 0.05)
     features, prefix = _inputs(run)
-    if all(len(np.unique(predict.greedy_tokens(run, features, prefix, b, NEW_TOKENS, stop_at_eos=False))) > 2
+    if all(len(np.unique(generation.greedy_tokens(run, features, prefix, b, NEW_TOKENS, stop_at_eos=False))) > 2
            for b in BUDGETS):
       return run
   pytest.fail("no random draw gave varied greedy answers")
@@ -86,7 +88,7 @@ def recompute_tokens(run, features, prefix, budget, num_tokens):
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_kv_cache_equals_recompute(random_run, budget):
   features, prefix = _inputs(random_run)
-  cached = predict.greedy_tokens(random_run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
+  cached = generation.greedy_tokens(random_run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
   assert cached.shape == (2, NEW_TOKENS)
   np.testing.assert_array_equal(cached, recompute_tokens(random_run, features, prefix, budget, NEW_TOKENS))
 
@@ -113,9 +115,9 @@ def scanned_recipe_run(config, budget, *, seed=0, attempts=10):
     d.num_heads, d.num_kv_heads, d.head_dim = 2, 1, 16
     d.sliding_window, d.query_scale = 16, 0.0
     config.mesh.shape = (-1, 1, 1)
-  model_cfg, spec = train.validate_config(config)
+  model_cfg, spec = config_lib.validate_config(config)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
-  graphdef, target = runs.abstract_params(model_cfg, mesh)
+  graphdef, target = state_lib.abstract_params(model_cfg, mesh)
   run = runs.Run(config, model_cfg, spec, graphdef, None, mesh)
   rng = np.random.default_rng(seed)
   normal = lambda x, std: jax.device_put(std * rng.standard_normal(x.shape, np.float32), x.sharding)
@@ -124,11 +126,11 @@ def scanned_recipe_run(config, budget, *, seed=0, attempts=10):
   grid = model_cfg.vision.image_size // model_cfg.vision.patch_size
   features = jnp.asarray(rng.standard_normal((len(QUESTIONS), grid, grid, model_cfg.vision.width),
                                              np.float32))
-  prefix = np.stack([predict.prompt_tokens(q) for q in QUESTIONS])
+  prefix = np.stack([generation.prompt_tokens(q) for q in QUESTIONS])
   for _ in range(attempts):
     run.params = jax.tree.map(lambda x: normal(x, 0.5), target)
     run.params["decoder"]["embedding"] = normal(target["decoder"]["embedding"], 0.05)
-    if len(np.unique(predict.greedy_tokens(run, features, prefix, budget, NEW_TOKENS,
+    if len(np.unique(generation.greedy_tokens(run, features, prefix, budget, NEW_TOKENS,
                                            stop_at_eos=False))) > 2:
       return run, features, prefix
   pytest.fail("no random draw gave varied greedy answers")
@@ -142,13 +144,13 @@ def test_kv_cache_equals_recompute_scanned_recipe(recipe, budget):
   run, features, prefix = scanned_recipe_run(recipe.get_config(), budget)
   d = run.model_cfg.decoder  # the recipe's, shrunk
   assert d.scan and d.remat == "full" and d.local_global and d.post_norms and d.dtype == jnp.bfloat16
-  cached = predict.greedy_tokens(run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
+  cached = generation.greedy_tokens(run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
   assert cached.shape == (2, NEW_TOKENS)
   np.testing.assert_array_equal(cached, recompute_tokens(run, features, prefix, budget, NEW_TOKENS))
 
 
 def test_prompt_layout():
-  tok = predict.prompt_tokens("where is the red square")
+  tok = generation.prompt_tokens("where is the red square")
   assert tok[0] == 1 and tok[-1] == 3 and len(tok) == 7        # [BOS, 5 words, SEP]
 
 
@@ -157,17 +159,17 @@ def test_load_image_resizes_to_model_range(tmp_path):
   rgba[..., 0] = 255
   rgba[..., 3] = 255
   Image.fromarray(rgba, "RGBA").save(tmp_path / "red.png")
-  image = predict.load_image(str(tmp_path / "red.png"), 64)
+  image = generation.load_image(str(tmp_path / "red.png"), 64)
   assert image.shape == (64, 64, 3) and image.dtype == np.float32
   np.testing.assert_allclose(image[..., 0], 1.0)
   np.testing.assert_allclose(image[..., 1:], -1.0)
   with pytest.raises(FileNotFoundError, match="missing.png"):
-    predict.load_image(str(tmp_path / "missing.png"), 64)
+    generation.load_image(str(tmp_path / "missing.png"), 64)
 
 
 def test_generate_rejects_budgets_outside_the_method(random_run):
   with pytest.raises(ValueError, match="allowed: even integers 16..256"):
-    predict.generate(random_run, np.zeros((64, 64, 3), np.float32), "what pattern is shown", [24, 17])
+    generation.generate(random_run, np.zeros((64, 64, 3), np.float32), "what pattern is shown", [24, 17])
 
 
 def test_cli(tiny_workdir, tmp_path):

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parcel_jax import config as config_lib
+from parcel_jax import state as state_lib
+from parcel_jax import train_step as train_step_lib
 from parcel_jax import train
 from parcel_jax.data import pipeline
 from tests.test_train import read_metrics, restore_params
@@ -145,14 +148,14 @@ def test_nan_batch_stops_with_checkpoint_intact(tmp_path, nan_at_step_3):
 
 def test_nonfinite_step_leaves_state_untouched():
   config = tiny_config(**RUN)
-  model_cfg, spec = train.validate_config(config)
+  model_cfg, spec = config_lib.validate_config(config)
   from parcel_jax import sharding
   mesh = sharding.make_mesh((-1, 1, 1))
-  graphdef, tx, params, opt_state = train.init_state(model_cfg, config.optim, 4, mesh, 0)
+  graphdef, tx, params, opt_state = state_lib.init_state(model_cfg, config.optim, 4, mesh, 0)
   batch = next(iter(pipeline.build_train_dataset(config.data, seed=0, global_batch_size=8)))
   batch.pop("family")
   batch["image"][0, 0, 0, 0] = np.inf
-  step = jax.jit(train.make_train_step(graphdef, tx, accum_steps=1), static_argnames="bucket")
+  step = jax.jit(train_step_lib.make_train_step(graphdef, tx, accum_steps=1), static_argnames="bucket")
   before = jax.tree.map(np.asarray, (params, opt_state))
   new_params, new_opt, m = step(params, opt_state, batch, jnp.full((8,), 64), bucket=spec.bucket(64))
   assert float(m["nonfinite"]) == 1.0
@@ -183,7 +186,7 @@ def test_batch_not_divisible_by_data_shards():
   class FakeMesh:
     shape = {"data": 2, "fsdp": 3, "tensor": 1}
   with pytest.raises(ValueError, match=r"train.batch_size=8 is not divisible by the 6 data shards"):
-    train.check_batch_divisible(tiny_config(), FakeMesh())
+    config_lib.check_batch_divisible(tiny_config(), FakeMesh())
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

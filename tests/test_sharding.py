@@ -9,10 +9,6 @@ and on (fsdp=8) equals the single-device step, and the big matrices are split.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -23,8 +19,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from parcel_jax import sharding
+from tests.util import run_on_8_devices
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fake_mesh(data=1, fsdp=1, tensor=1):
@@ -134,15 +130,7 @@ def _multi_device_body() -> dict:
 
 @pytest.fixture(scope="module")
 def multi_device():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
-  code = ("import json; from tests import test_sharding as t; "
-          "print('RESULT ' + json.dumps(t._multi_device_body()))")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return run_on_8_devices("test_sharding", "_multi_device_body")
 
 
 @pytest.mark.parametrize("name", list(MESHES))

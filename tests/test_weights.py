@@ -21,7 +21,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from configs import base  # noqa: E402
-from parcel_jax import sharding, train  # noqa: E402
+from parcel_jax import config as config_lib  # noqa
+from parcel_jax import sharding  # noqa: E402
 from parcel_jax.models import vlm  # noqa: E402
 from parcel_jax.weights import big_vision, common, hf  # noqa: E402
 
@@ -65,7 +66,7 @@ def _random(model_cfg, seed=0):
 
 def _load(ckpt_dir, **kw):
   c = _config(ckpt_dir, **kw)
-  model_cfg, spec = train.validate_config(c)
+  model_cfg, spec = config_lib.validate_config(c)
   graphdef, template = _abstract(model_cfg)
   return model_cfg, spec, graphdef, hf.load_hf_checkpoint(ckpt_dir, template, model_cfg)
 
@@ -186,7 +187,7 @@ def test_parity_gemma1_scanned(gemma1_ckpt):
 def test_connector_keeps_initialisation(gemma2_ckpt):
   model, path = gemma2_ckpt
   c = _config(path, "mqt")
-  model_cfg, _ = train.validate_config(c)
+  model_cfg, _ = config_lib.validate_config(c)
   _, init = _random(model_cfg, seed=3)
   loaded = hf.load_hf_checkpoint(path, init, model_cfg)
   flat_init, flat = common.flatten(init), common.flatten(loaded)
@@ -217,7 +218,7 @@ def test_errors_name_parameter_and_shapes(gemma2_ckpt, tmp_path):
   _, path = gemma2_ckpt
   c = _config(path)
   c.model.decoder.mlp_dim = 80  # the checkpoint has 96
-  model_cfg, _ = train.validate_config(c)
+  model_cfg, _ = config_lib.validate_config(c)
   _, params = _abstract(model_cfg)
   with pytest.raises(common.WeightsError) as e:
     hf.load_hf_checkpoint(path, params, model_cfg)
@@ -225,7 +226,7 @@ def test_errors_name_parameter_and_shapes(gemma2_ckpt, tmp_path):
   assert "decoder/layers/0/mlp/wi" in msg and "(2, 48, 96)" in msg and "(2, 48, 80)" in msg
   assert "language_model.layers.0.mlp.gate_proj.weight" in msg
 
-  model_cfg, _ = train.validate_config(_config(path))
+  model_cfg, _ = config_lib.validate_config(_config(path))
   _, params = _abstract(model_cfg)
   drop = lambda t: t.pop(next(k for k in t if hf.canonical_name(k) == "language_model.norm.weight"))
   missing = _rewrite(path, str(tmp_path / "missing"), drop)
@@ -267,7 +268,7 @@ def test_big_vision_npz_round_trip(gemma2_ckpt, tmp_path):
   c.model.decoder.num_kv_heads = c.model.decoder.num_heads
   c.model.vision.depth = c.model.decoder.depth = 1
   c.eval.budgets = (16,)
-  mha_cfg, _ = train.validate_config(c)
+  mha_cfg, _ = config_lib.validate_config(c)
   _, mha = _random(mha_cfg, seed=1)
   shapes = big_vision.export_npz(mha, mha_cfg, str(tmp_path / "mha.npz"), include_connector=False)
   assert "llm/layers/attn/qkv_einsum/w" in shapes and not any(k.startswith("connector") for k in shapes)
@@ -283,14 +284,15 @@ _SHARDED = textwrap.dedent("""
     import jax, numpy as np
     from flax import nnx
     from configs import base
-    from parcel_jax import sharding, train
+    from parcel_jax import config as config_lib
+    from parcel_jax import sharding
     from parcel_jax.models import vlm
     from parcel_jax.weights import big_vision, common
     assert jax.device_count() == 8
     c = base.get_config("parcel"); c.model.connector.budgets = (16, 24)
     c.model.vision.scan = c.model.decoder.scan = True  # stacked layers, Gemma-2 (local, global) pairs
     c.model.decoder.depth = 2; c.model.decoder.local_global = True; c.model.decoder.sliding_window = 8
-    model_cfg, _ = train.validate_config(c)
+    model_cfg, _ = config_lib.validate_config(c)
     mesh = sharding.make_mesh((1, 8, 1))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(0))))
     shardings = sharding.param_shardings(abstract, mesh)

@@ -1,6 +1,13 @@
 """Shared test helpers."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_rel_close(actual, expected, tol=1e-5):
@@ -48,3 +55,17 @@ def cli_overrides(**overrides) -> list[str]:
       return ",".join(map(str, v)) + ("," if len(v) == 1 else "")
     return str(v)
   return [f"--config.{k}={fmt(v)}" for k, v in {**TINY_OVERRIDES, **overrides}.items()]
+
+
+def run_on_8_devices(module: str, function: str, timeout: int = 900):
+  """``module.function()`` in a subprocess with 8 simulated CPU devices (this pytest process
+  keeps its single device); returns its JSON-serialisable result."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
+  code = (f"import json; from tests import {module} as t; "
+          f"print('RESULT ' + json.dumps(t.{function}()))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])

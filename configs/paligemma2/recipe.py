@@ -25,7 +25,8 @@ Built on ``configs/base.py``'s schema; only what differs from it is set here:
   data       LLaVA-format JSON + image folder (``data.name`` jsonl / tfds also work); the Gemma
              tokenizer of the checkpoint; bad examples skipped (at most 1%), long text truncated.
   mesh       FSDP over all devices: (data, fsdp, tensor) = (1, -1, 1).
-  train      global batch 8192 (the paper's; 256 TPUv4 chips); 100M samples = 12,207 steps.
+  train      global batch 8192 (the paper's; 256 TPUv4 chips); 100M samples = 12,207 steps; the
+             loss in chunks of 32 text positions (``train.loss_chunk``: full logits never held).
 """
 
 import ml_collections
@@ -129,6 +130,8 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
+  c.train.loss_chunk = 32            # 4 chunks of the 128 text positions: a 257k-vocabulary head's
+                                     # logits and their gradient, 1/4 at a time
 
   # ----------------------------------------------------------------- eval
   c.eval.budgets = (64, 256, 1024) if image_size == 448 else (16, 64, 256)

@@ -2,7 +2,8 @@
 
 Loads ``tokenizer.model`` (sentencepiece) or, failing that, ``tokenizer.json`` (the
 ``tokenizers`` library) from a checkpoint directory, or either file directly. Both give
-the same ids for the same checkpoint. Special ids are looked up by piece
+the same ids for the same checkpoint. The path may be local or a cloud URI (gs://, s3://:
+``parcel_jax.paths``; the file is read into memory). Special ids are looked up by piece
 (``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``; Gemma: 0, 1, 2, 3).
 
 PaliGemma's text layout (big_vision / the HF processor), length ``max_len``::
@@ -20,11 +21,11 @@ are ordinary pieces of PaliGemma's vocabulary: text containing them encodes to t
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 
+from parcel_jax import paths
 from parcel_jax.data.tokenizer import ids_before_eos, prefix_lm_arrays
 
 NUM_LOC, NUM_SEG = 1024, 128
@@ -37,13 +38,13 @@ class TextTooLong(ValueError):
 
 def resolve_tokenizer_path(path: str) -> str:
   """A tokenizer file from a checkpoint directory (tokenizer.model first) or the file itself."""
-  if os.path.isdir(path):
+  if paths.isdir(path):
     for name in ("tokenizer.model", "tokenizer.json"):
-      candidate = os.path.join(path, name)
-      if os.path.exists(candidate):
+      candidate = paths.join(path, name)
+      if paths.exists(candidate):
         return candidate
     raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json in this directory")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path}: no such tokenizer file")
   return path
 
@@ -58,13 +59,15 @@ class GemmaTokenizer:
   def _load(self):
     if self.path.endswith(".json"):
       from tokenizers import Tokenizer  # only needed for tokenizer.json checkpoints
-      self._tok = Tokenizer.from_file(self.path)
+      self._tok = (Tokenizer.from_str(paths.read_text(self.path)) if paths.is_uri(self.path)
+                   else Tokenizer.from_file(self.path))
       self._sp = None
       self._piece_to_id = self._tok.token_to_id
       self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     else:
       import sentencepiece as spm
-      self._sp = spm.SentencePieceProcessor(model_file=self.path)
+      self._sp = (spm.SentencePieceProcessor(model_proto=paths.read_bytes(self.path))
+                  if paths.is_uri(self.path) else spm.SentencePieceProcessor(model_file=self.path))
       self._tok = None
       unk = self._sp.unk_id()
       self._piece_to_id = lambda p: (None if self._sp.piece_to_id(p) == unk and p != self._sp.id_to_piece(unk)

@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from parcel_jax import paths
+
 # Every way an example can be bad; ``skip`` counts them by these names.
 BAD_KINDS = (
     "missing_image",      # the image file does not exist
@@ -49,19 +51,31 @@ class BadExample(Exception):
     self.message = message
 
 
+def _read_image_file(path: str) -> bytes:
+  if not paths.is_uri(path):
+    if not os.path.exists(path):
+      raise BadExample("missing_image", f"image file {path} does not exist")
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except OSError as e:
+      raise BadExample("missing_image", f"image file {path} cannot be read ({e})") from e
+  try:  # a URI (gs://, s3://): one read, no separate existence check
+    return paths.read_bytes(path)
+  except FileNotFoundError as e:
+    raise BadExample("missing_image", f"image file {path} does not exist") from e
+  except OSError as e:
+    raise BadExample("missing_image", f"image file {path} cannot be read ({e})") from e
+
+
 def decode_image(data: bytes | str, size: int) -> np.ndarray:
-  """Image bytes or a file path -> (size, size, 3) float32 in [-1, 1]. Raises BadExample."""
+  """Image bytes, or a file path / cloud URI (gs://, s3://) -> (size, size, 3) float32 in
+  [-1, 1]. Raises BadExample."""
   from PIL import Image, UnidentifiedImageError
 
   where = data if isinstance(data, str) else "image bytes"
   if isinstance(data, str):
-    if not os.path.exists(data):
-      raise BadExample("missing_image", f"image file {data} does not exist")
-    try:
-      with open(data, "rb") as f:
-        data = f.read()
-    except OSError as e:
-      raise BadExample("missing_image", f"image file {where} cannot be read ({e})") from e
+    data = _read_image_file(data)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # Pillow warns on some damaged files before failing

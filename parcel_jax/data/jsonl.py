@@ -3,7 +3,8 @@
   {"image": "images/0001.jpg", "prefix": "caption en", "suffix": "A dog on a beach."}
 
 Field names are configurable (``data.image_key``, ``data.prefix_key``, ``data.suffix_key``);
-image paths are relative to the image folder (default: the jsonl file's folder). Blank
+image paths are relative to the image folder (default: the jsonl file's folder); both may
+be local paths or cloud URIs (gs://, s3://: ``parcel_jax.paths``). Blank
 lines are ignored; every other line is one example, parsed on access, so a malformed line
 is reported (or skipped) as that example, naming the file and the line number.
 """
@@ -11,10 +12,10 @@ is reported (or skipped) as that example, naming the file and the line number.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from parcel_jax import paths
 from parcel_jax.data.images import BadExample
 
 
@@ -24,11 +25,10 @@ class JsonlSource:
   def __init__(self, path: str, image_root: str = "", *, image_key: str = "image",
                prefix_key: str = "prefix", suffix_key: str = "suffix"):
     self.path = path
-    self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+    self.image_root = image_root or paths.dirname(paths.normalize(path))
     self.keys = (image_key, prefix_key, suffix_key)
     try:
-      with open(path, "rb") as f:
-        data = f.read()
+      data = paths.read_bytes(path)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"jsonl data file {path} does not exist") from e
     starts, lines = [], []
@@ -64,7 +64,7 @@ class JsonlSource:
         raise BadExample("missing_field", f"no string field {key!r} (fields: {sorted(rec)})")
     if not rec[suffix_key].strip():
       raise BadExample("empty_answer", f"field {suffix_key!r} is empty")
-    return {"image": os.path.join(self.image_root, rec[image_key]),
+    return {"image": paths.join(self.image_root, rec[image_key]),
             "prefix": rec[prefix_key].strip(), "suffix": rec[suffix_key].strip()}
 
   def __repr__(self) -> str:

@@ -11,6 +11,7 @@ The file is a JSON list of records::
 Every (human, gpt) exchange becomes one example with the record's image: prefix = the
 human turn without the ``<image>`` placeholder (stripped), suffix = the gpt turn
 (stripped). ``image`` is relative to the image folder (default: the JSON file's folder).
+The file and the folder may be local paths or cloud URIs (gs://, s3://: ``parcel_jax.paths``).
 ``from`` may also be ``user`` / ``assistant``.
 
 The file is parsed once, at construction (a file that is not valid JSON, or not a list,
@@ -23,8 +24,8 @@ as one example.
 from __future__ import annotations
 
 import json
-import os
 
+from parcel_jax import paths
 from parcel_jax.data.images import BadExample
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -36,10 +37,9 @@ class LlavaSource:
 
   def __init__(self, path: str, image_root: str = ""):
     self.path = path
-    self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+    self.image_root = image_root or paths.dirname(paths.normalize(path))
     try:
-      with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+      records = json.loads(paths.read_text(path, encoding="utf-8"))
     except FileNotFoundError as e:
       raise FileNotFoundError(f"LLaVA data file {path} does not exist") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -86,7 +86,7 @@ class LlavaSource:
     suffix = gpt["value"].strip()
     if not suffix:
       raise BadExample("empty_answer", "the gpt answer is empty")
-    return {"image": os.path.join(self.image_root, image), "prefix": prefix, "suffix": suffix}
+    return {"image": paths.join(self.image_root, image), "prefix": prefix, "suffix": suffix}
 
   def __repr__(self) -> str:
     return f"LlavaSource({self.path!r}, {len(self)} examples)"

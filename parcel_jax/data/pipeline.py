@@ -24,6 +24,7 @@ defaults in ``REAL_DATA_DEFAULTS``)::
   data.tfds_name, data.tfds_data_dir, data.train_split, data.eval_split   tfds
   data.image_key / prefix_key / suffix_key   record fields (jsonl, tfds)
   data.tokenizer                     Gemma tokenizer: a checkpoint dir, tokenizer.model or .json
+  (paths and folders may be local or cloud URIs, gs:// / s3://, read through etils.epath)
   data.on_error                      raise | skip   (bad examples, see below)
   data.max_skip_fraction             skip: error once skipped > fraction x max(seen, min(len, 1000))
   data.long_text                     truncate (cut the suffix tail) | reject (a bad example)
@@ -48,6 +49,7 @@ import threading
 import grain
 import numpy as np
 
+from parcel_jax import paths
 from parcel_jax.data import gemma_tokenizer, images, synthetic
 from parcel_jax.data import tokenizer as tokenizer_lib
 
@@ -195,12 +197,16 @@ def _real_source(data_cfg, split: str) -> ExampleSource:
   if name == 'tfds':
     from parcel_jax.data import tfds as tfds_source
     tfds_split = _get(data_cfg, 'train_split' if split == 'train' else 'eval_split')
+    paths.check_access(_get(data_cfg, 'tfds_data_dir'), 'data.tfds_data_dir')
     raw = tfds_source.TfdsSource(_get(data_cfg, 'tfds_name'), tfds_split,
                                  _get(data_cfg, 'tfds_data_dir'), **keys)
   else:
     path = _get(data_cfg, 'train_path' if split == 'train' else 'eval_path')
     if not path:
       raise ValueError(f'data.{split}_path must name the {name} file for the {split} split')
+    paths.check_access(path, f'data.{split}_path')  # first touch: names a missing gcsfs / s3fs
+    if _get(data_cfg, 'image_root'):
+      paths.check_access(_get(data_cfg, 'image_root'), 'data.image_root')
     if name == 'llava':
       from parcel_jax.data import llava
       raw = llava.LlavaSource(path, _get(data_cfg, 'image_root'))
@@ -218,6 +224,7 @@ def build_tokenizer(data_cfg):
     if not _get(data_cfg, 'tokenizer'):
       raise ValueError(f'data.tokenizer must name a Gemma tokenizer (checkpoint directory, '
                        f'tokenizer.model or tokenizer.json) for data.name={data_cfg.name!r}')
+    paths.check_access(_get(data_cfg, 'tokenizer'), 'data.tokenizer')
     return gemma_tokenizer.GemmaTokenizer(_get(data_cfg, 'tokenizer'))
   return tokenizer_lib.synthetic_tokenizer()
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from parcel_jax import sharding
 from parcel_jax.models import layers
 
 Array = jax.Array
@@ -153,7 +154,7 @@ def make_attention_mask(input_mask: Array, ar_mask: Array, positions: Array | No
       mask &= (delta < sliding_window) | (prefix[:, :, None] & prefix[:, None, :])
     else:
       mask &= jnp.abs(delta) < sliding_window
-  return mask
+  return sharding.constrain(mask, ("activation_batch", None, None))
 
 
 # ------------------------------------------------------------------ layers
@@ -218,7 +219,7 @@ class Block(nnx.Module):
     h = self.mlp(self.pre_mlp_norm(x))
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
-    return x + h.astype(x.dtype), (k, v)
+    return sharding.constrain(x + h.astype(x.dtype), layers.BTD), (k, v)
 
   def _qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
     """Queries, keys and values (RoPE applied) of the normalised input."""
@@ -295,7 +296,7 @@ class Decoder(nnx.Module):
       answer token at a time) applies no shift, as the suffix never has one.
     """
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
-    x = x * jnp.sqrt(self.cfg.width).astype(self.dtype)
+    x = sharding.constrain(x * jnp.sqrt(self.cfg.width).astype(self.dtype), layers.BTD)
     if not self.cfg.prefix_token_shift or shift_mask is None:
       return x
     shift_mask = shift_mask.astype(bool)
@@ -309,10 +310,19 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden: Array) -> Array:
     """(..., width) -> float32 (..., vocab): tied embedding, final soft-cap."""
-    table = self.embedding[...].astype(self.dtype)
-    out = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), table,
-                     preferred_element_type=jnp.float32)
-    return layers.soft_cap(out, self.cfg.final_softcap)
+    return self.logits_fn()(hidden)
+
+  def logits_fn(self):
+    """``logits`` as a pure function of the hidden states over this decoder's current
+    embedding (for use inside ``jax.lax`` loops, e.g. a chunked loss)."""
+    table, dtype, cap = self.embedding[...].astype(self.dtype), self.dtype, self.cfg.final_softcap
+
+    def fn(hidden):
+      out = jnp.einsum("...d,vd->...v", hidden.astype(dtype), table, preferred_element_type=jnp.float32)
+      if out.ndim == 3:
+        out = sharding.constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+      return layers.soft_cap(out, cap)
+    return fn
 
   def _layers(self, x, positions, masks, kv=None, index=None, collect=False):
     """All layers. kv: None or (k, v) (depth, b, T, kh, hd) caches written at ``index``.

@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from parcel_jax import sharding
+
 Array = jax.Array
+
+# Logical names of activations (``sharding.constrain``); parameters carry theirs at creation.
+BTD = sharding.BTD
+HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", None)
+MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
 
 # Parameters are created unsharded and placed by ``parcel_jax.sharding`` (jit
 # out_shardings from the logical names + the config's rules), so Flax must not
@@ -172,7 +180,7 @@ class Attention(nnx.Module):
     q = self._proj(x, self.q_kernel, self.q_bias, "btd,dhk->bthk")
     if rope_base:
       q = rope(q, positions, rope_base)
-    return q * self.query_scale
+    return sharding.constrain(q * self.query_scale, HEADS)
 
   def project_kv(self, x: Array, positions: Array | None = None,
                  rope_base: float | None = None, values_from: Array | None = None
@@ -186,11 +194,11 @@ class Attention(nnx.Module):
                    self.v_kernel, self.v_bias, "bsd,dhk->bshk")
     if rope_base:
       k = rope(k, positions, rope_base)
-    return k, v
+    return sharding.constrain(k, KV_HEADS), sharding.constrain(v, KV_HEADS)
 
   def project_out(self, o: Array) -> Array:
     """(b, t, heads, head_dim) -> (b, t, out_features)."""
-    return self._proj(o, self.o_kernel, self.o_bias, "bthk,hkd->btd")
+    return sharding.constrain(self._proj(o, self.o_kernel, self.o_bias, "bthk,hkd->btd"), BTD)
 
   def __call__(self, x_q: Array, x_kv: Array | None = None, *, mask: Array | None = None,
                q_positions: Array | None = None, kv_positions: Array | None = None,
@@ -232,10 +240,12 @@ class Mlp(nnx.Module):
       if self.bi is not None:
         h = h + self.bi[...].astype(dtype)
       h = jax.nn.gelu(h, approximate=True)
+    if h.ndim == 3:
+      h = sharding.constrain(h, MLP_HIDDEN)
     y = h @ self.wo[...].astype(dtype)
     if self.bo is not None:
       y = y + self.bo[...].astype(dtype)
-    return y
+    return sharding.constrain(y, BTD) if y.ndim == 3 else y
 
 
 def sincos_2d(grid: int, width: int, *, frame: int | None = None,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from parcel_jax import sharding
 from parcel_jax.models import layers
 
 Array = jax.Array
@@ -103,7 +104,7 @@ class ViTBlock(nnx.Module):
   def __call__(self, x: Array) -> Array:
     # LayerNorm statistics are float32; the residual stream stays in the compute dtype.
     x = x + self.attn(self.norm1(x)).astype(x.dtype)
-    return x + self.mlp(self.norm2(x)).astype(x.dtype)
+    return sharding.constrain(x + self.mlp(self.norm2(x)).astype(x.dtype), layers.BTD)
 
 
 def _run_block(block: ViTBlock, x: Array) -> tuple[Array, None]:
@@ -145,7 +146,7 @@ class ViT(nnx.Module):
     x = jnp.einsum("bipjqc,pqcd->bijd", patches, self.patch_kernel[...].astype(dtype))
     x = x.reshape(b, g * g, cfg.width) + self.patch_bias[...].astype(dtype)
     pos = self.posemb[...] if self.posemb is not None else layers.sincos_2d(g, cfg.width)
-    return x + pos.astype(dtype)
+    return sharding.constrain(x + pos.astype(dtype), layers.BTD)
 
   def _windows(self, x: Array) -> Array:
     """(b, g*g, d) raster -> (b * windows, window^2, d). Windows become batch entries: every

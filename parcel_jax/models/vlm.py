@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from parcel_jax import sharding
 from parcel_jax.budgets import Bucket
 from parcel_jax.models import connectors, gemma, layers, vit
 
@@ -31,14 +32,28 @@ class ModelConfig:
   decoder: gemma.DecoderConfig
 
 
-def _dataclass_from(cls, cfg, **extra):
-  """Builds dataclass ``cls`` from the matching fields of a ConfigDict."""
+# Config keys of model sections that are read elsewhere, not by the module dataclasses:
+# the budget space (``budgets.BudgetSpec``) and the size preset's label.
+NON_MODULE_KEYS = {"vision": {"variant"}, "decoder": {"variant"},
+                   "connector": {"budgets", "query_bucket"}}
+
+
+def _dataclass_from(cls, cfg, section: str, **extra):
+  """Builds dataclass ``cls`` from ConfigDict section ``model.<section>``; a key that is
+  neither a field of ``cls`` nor read elsewhere is an error naming it (a typo in an override
+  must not be dropped silently)."""
   names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(cfg.keys()) - names - NON_MODULE_KEYS.get(section, set()) - set(extra))
+  if unknown:
+    allowed = sorted((names | NON_MODULE_KEYS.get(section, set())) - set(extra))
+    raise ValueError(f"model.{section}.{unknown[0]} is not a field of the {section} config"
+                     f"{' (nor ' + ', '.join(unknown[1:]) + ')' if unknown[1:] else ''}; "
+                     f"allowed: {', '.join(allowed)}")
   values = {k: v for k, v in cfg.items() if k in names}
   for key in ("dtype", "param_dtype"):
     if isinstance(values.get(key), str):
       if values[key] not in DTYPES:
-        raise ValueError(f"{key}={values[key]!r} is unknown; allowed: {', '.join(DTYPES)}")
+        raise ValueError(f"model.{section}.{key}={values[key]!r} is unknown; allowed: {', '.join(DTYPES)}")
       values[key] = DTYPES[values[key]]
   values.update(extra)
   return cls(**values)
@@ -48,11 +63,14 @@ def model_config(model_cfg) -> ModelConfig:
   """ModelConfig from ``config.model`` (a ConfigDict); ``dtype`` there is the compute dtype."""
   dtype = model_cfg.get("dtype", "float32")
   common = dict(dtype=None if dtype == "float32" else DTYPES[dtype])
-  vision = _dataclass_from(vit.ViTConfig, model_cfg.vision, **common)
+  unknown = sorted(set(model_cfg.keys()) - {"dtype", "vision", "connector", "decoder"})
+  if unknown:
+    raise ValueError(f"model.{unknown[0]} is unknown; allowed: dtype, vision, connector, decoder")
+  vision = _dataclass_from(vit.ViTConfig, model_cfg.vision, "vision", **common)
   grid = vision.image_size // vision.patch_size
-  connector = _dataclass_from(connectors.ConnectorConfig, model_cfg.connector,
+  connector = _dataclass_from(connectors.ConnectorConfig, model_cfg.connector, "connector",
                               width=vision.width, grid_size=grid, **common)
-  decoder = _dataclass_from(gemma.DecoderConfig, model_cfg.decoder, **common)
+  decoder = _dataclass_from(gemma.DecoderConfig, model_cfg.decoder, "decoder", **common)
   return ModelConfig(vision, connector, decoder)
 
 
@@ -78,7 +96,8 @@ class VLM(nnx.Module):
     """features (b, g, g, Dv), budgets (b,) -> tokens (b, slots, Dl), mask (b, slots)."""
     tokens, mask = self.connector(features, bucket, budgets)
     chex.assert_shape(tokens, (features.shape[0], bucket.num_slots, self.cfg.vision.width))
-    return self.projection(tokens), mask
+    tokens = sharding.constrain(tokens, layers.BTD)
+    return sharding.constrain(self.projection(tokens), layers.BTD), mask
 
   def decoder_inputs(self, features: Array, text: Array, text_mask: Array, *, bucket: Bucket,
                      budgets: Array, ar_mask: Array | None = None) -> tuple[Array, Array]:
@@ -90,8 +109,19 @@ class VLM(nnx.Module):
     if ar_mask is not None:
       prompt = prompt & ~ar_mask.astype(bool)
     embedded = self.decoder.embed(text, shift_mask=prompt)
-    x = jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1)
+    x = sharding.constrain(jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1), layers.BTD)
     return x, jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
+
+  def text_hidden(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
+                  bucket: Bucket, budgets: Array) -> Array:
+    """The decoder's final hidden states (after the final norm) at the text positions,
+    (b, L, Dl), given precomputed vision features; ``text_logits`` applies the head."""
+    b = text.shape[0]
+    x, input_mask = self.decoder_inputs(features, text, text_mask, bucket=bucket, budgets=budgets,
+                                        ar_mask=ar_mask)
+    ar = jnp.concatenate([jnp.zeros((b, bucket.num_slots), bool), ar_mask.astype(bool)], axis=1)
+    hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
+    return hidden[:, bucket.num_slots:]
 
   def text_logits(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
                   bucket: Bucket, budgets: Array) -> Array:
@@ -104,11 +134,8 @@ class VLM(nnx.Module):
     Returns: (b, L, vocab).
     """
     b, length = text.shape
-    x, input_mask = self.decoder_inputs(features, text, text_mask, bucket=bucket, budgets=budgets,
-                                        ar_mask=ar_mask)
-    ar = jnp.concatenate([jnp.zeros((b, bucket.num_slots), bool), ar_mask.astype(bool)], axis=1)
-    hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
-    logits = self.decoder.logits(hidden[:, bucket.num_slots:])
+    logits = self.decoder.logits(self.text_hidden(features, text, text_mask, ar_mask,
+                                                  bucket=bucket, budgets=budgets))
     chex.assert_shape(logits, (b, length, self.cfg.decoder.vocab_size))
     return logits
 

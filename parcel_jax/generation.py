@@ -1,0 +1,166 @@
+r"""Greedy answers to a question about an image at one or more visual-token budgets.
+
+The command line is ``parcel_jax.predict``. The image is encoded by the ViT once;
+every budget then runs at its compact shape (exactly B visual tokens): connector ->
+projection -> ``decoder.prefill`` over ``[visual; BOS question SEP]`` (the PaliGemma
+prefix, attended bidirectionally) -> greedy ``decode_step``s with the KV cache until
+EOS or ``max_new_tokens``.
+
+Use: ``generate(run, image, question, budgets)`` with a ``runs.Run``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from parcel_jax import budgets as budgets_lib
+from parcel_jax import evaluation
+from parcel_jax.data import tokenizer as tokenizer_lib
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """Reads any PIL-readable image as RGB, resized to (size, size): float32 (size, size, 3) in [-1, 1]."""
+  from PIL import Image
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"image {path} does not exist")
+  with Image.open(path) as im:
+    im = im.convert("RGB")
+    if im.size != (size, size):
+      im = im.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(im, np.float32)
+  return pixels / 127.5 - 1.0
+
+
+def prompt_tokens(question: str, tokenizer=None) -> np.ndarray:
+  """The prefix ``[BOS, q..., SEP]`` as int32 (L,), as the data pipeline lays it out
+  (Gemma's separator is the "\\n" token). Default tokenizer: the synthetic word list,
+  whose unknown words become UNK (logged)."""
+  tokenizer = tokenizer or tokenizer_lib.synthetic_tokenizer()
+  ids = tokenizer.encode(question)
+  if isinstance(tokenizer, tokenizer_lib.WordTokenizer):
+    unknown = [w for w, i in zip(question.split(), ids) if i == tokenizer.unk_id]
+    if unknown:
+      logging.warning("words outside the tokenizer's vocabulary (encoded as <unk>): %s", unknown)
+  sep = list(getattr(tokenizer, "sep_ids", None) or [tokenizer.sep_id])
+  return np.asarray([tokenizer.bos_id, *ids, *sep], np.int32)
+
+
+def prefill(model, features, prefix, prefix_mask, budgets, *, bucket, cache_size):
+  """The serving prefill: features (b, g, g, Dv), prefix and its mask (b, L), budgets (b,) ->
+  the last position's logits (b, vocab) and a KV cache of ``cache_size`` slots.
+
+  The sequence is [visual (bucket.num_slots); prefix (L)], all prefix-LM (bidirectional)."""
+  x, input_mask = model.decoder_inputs(features, prefix, prefix_mask, bucket=bucket, budgets=budgets)
+  hidden, cache = model.decoder.prefill(x, input_mask=input_mask, ar_mask=jnp.zeros_like(input_mask),
+                                        cache_size=cache_size)
+  return model.decoder.logits(hidden[:, -1]), cache
+
+
+# ------------------------------------------------------------- jitted pieces
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "bucket", "cache_size"))
+def _prefill(graphdef, params, features, prefix, budgets, *, bucket, cache_size):
+  """``prefill`` over a full prefix: the first answer token (b,) and the KVCache."""
+  logits, cache = prefill(nnx.merge(graphdef, params), features, prefix, jnp.ones(prefix.shape, bool),
+                          budgets, bucket=bucket, cache_size=cache_size)
+  return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "stop_at_eos"))
+def _decode(graphdef, params, first, cache, *, max_new_tokens, eos_id, stop_at_eos):
+  """Greedy decoding from ``first`` (b,): tokens (b, max_new_tokens) int32.
+
+  Token i is emitted, then fed through ``decode_step`` to produce token i + 1. With
+  ``stop_at_eos`` the loop ends once every row has emitted EOS (later slots hold EOS).
+
+  The model is merged inside the loop body, not around the loop: NNX variables belong to
+  the trace level they were created at, and a scanned decoder (``decoder.scan=True``) passes
+  its layers to ``nnx.scan``, which refuses variables from an outer trace."""
+  b = first.shape[0]
+
+  def cond(state):
+    i, _, _, _, done = state
+    return (i < max_new_tokens) & ~(stop_at_eos & jnp.all(done))
+
+  def body(state):
+    i, token, cache, tokens, done = state
+    tokens = tokens.at[:, i].set(token)
+    done = done | (token == eos_id)
+    decoder = nnx.merge(graphdef, params).decoder
+    hidden, cache = decoder.decode_step(decoder.embed(token[:, None]), cache)
+    token = jnp.argmax(decoder.logits(hidden[:, 0]), -1).astype(jnp.int32)
+    return i + 1, token, cache, tokens, done
+
+  tokens = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
+  state = (jnp.int32(0), first, cache, tokens, jnp.zeros((b,), bool))
+  return jax.lax.while_loop(cond, body, state)[3]
+
+
+# ------------------------------------------------------------------ generate
+
+def check_budgets(run, budgets) -> list[int]:
+  """Budgets as ints; ValueError naming the allowed ones if any is outside the method's space."""
+  space, budgets = run.method_space(), [int(b) for b in budgets]
+  bad = [b for b in budgets if b not in space.budgets]
+  if bad:
+    raise ValueError(f"budget(s) {bad} not valid for method {run.method!r}; allowed: "
+                     f"{budgets_lib._describe(space.budgets)}")
+  untrained = [b for b in budgets if b not in run.spec.budgets]
+  if untrained:
+    logging.warning("budget(s) %s are outside the budgets %s was trained on", untrained, run.label())
+  return budgets
+
+
+def greedy_tokens(run, features, prefix: np.ndarray, budget: int, max_new_tokens: int,
+                  *, stop_at_eos: bool = True) -> np.ndarray:
+  """KV-cache greedy decoding for one budget.
+
+  Args:
+    features: (b, g, g, Dv) ViT features; prefix: (b, L) int32 prompt tokens.
+  Returns:
+    (b, max_new_tokens) int32 answer tokens (after EOS: EOS).
+  """
+  prefix = jnp.asarray(prefix, jnp.int32)
+  bucket = run.method_space().compact_bucket(budget)  # exactly B visual tokens
+  b, length = prefix.shape
+  first, cache = _prefill(run.graphdef, run.params, features, prefix, jnp.full((b,), budget, jnp.int32),
+                          bucket=bucket, cache_size=bucket.num_slots + length + max_new_tokens)
+  tokens = _decode(run.graphdef, run.params, first, cache, max_new_tokens=max_new_tokens,
+                   eos_id=run.tokenizer.eos_id, stop_at_eos=stop_at_eos)
+  return np.asarray(tokens)
+
+
+def generate(run, image: np.ndarray, question: str, budgets, *,
+             max_new_tokens: int | None = None) -> dict[int, str]:
+  """Greedy answers to ``question`` about ``image`` at every budget.
+
+  Args:
+    run: a ``runs.Run``.
+    image: (S, S, 3) float in [-1, 1] at the model resolution (``load_image``).
+    budgets: visual-token budgets, each in the method's space.
+    max_new_tokens: default ``data.max_text_len`` minus the prompt (the training length).
+  Returns:
+    {budget: answer text (up to EOS)}.
+  """
+  image = np.asarray(image, np.float32)
+  expected = (run.image_size, run.image_size, 3)
+  if image.shape != expected:
+    raise ValueError(f"image has shape {image.shape}; the model expects {expected} (see load_image)")
+  tokenizer = run.tokenizer
+  prefix = prompt_tokens(question, tokenizer)[None]
+  if max_new_tokens is None:
+    max_new_tokens = max(run.config.data.max_text_len - prefix.shape[1], 1)
+  budgets = check_budgets(run, budgets)  # before anything compiles
+  features = evaluation.encode_images(run.graphdef, run.params, jnp.asarray(image)[None])  # once
+  answers = {}
+  for b in budgets:
+    answers[b] = tokenizer.decode(greedy_tokens(run, features, prefix, b, max_new_tokens)[0])
+  return answers
