@@ -77,8 +77,12 @@ def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh with Auto axes over ``devices`` (default: all, every process)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  try:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  except ValueError as e:  # a TPU torus whose sides cannot form these axis sizes
+    raise ValueError(f"mesh.shape={tuple(sizes)} does not map onto the devices' physical "
+                     f"layout: {e}") from e
 
 
 def batch_shards(mesh) -> int:
