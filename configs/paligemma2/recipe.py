@@ -24,7 +24,9 @@ Built on ``configs/base.py``'s schema; only what differs from it is set here:
              16..1024 at 448 px; M3 {4, 16, 64, 256}; MQT even 2..256), uniform, one per batch.
   data       LLaVA-format JSON + image folder (``data.name`` jsonl / tfds also work); the Gemma
              tokenizer of the checkpoint; bad examples skipped (at most 1%), long text truncated.
-  mesh       FSDP over all devices: (data, fsdp, tensor) = (1, -1, 1).
+  mesh       FSDP over all devices: (data, fsdp, tensor) = (1, -1, 1). Where the fsdp size does
+             not divide SigLIP's width 1152 (256 chips, say), the ViT stays whole on every chip (a
+             warning says so); ``--config.mesh.shape=-1,64,1`` then shards it (docs/SCALING.md).
   train      global batch 8192 (the paper's; 256 TPUv4 chips); 100M samples = 12,207 steps; the
              loss in chunks of 32 text positions (``train.loss_chunk``: full logits never held).
 """
