@@ -119,13 +119,17 @@ def _report(program, bucket, batch, compiled, topology, num_devices, model_flops
                 settings=dict(settings))
 
 
-def _sds(shape, dtype, mesh, names):
+def _sds(shape, dtype, mesh, names, rules):
+  """A serving input's ShapeDtypeStruct, split by its logical ``names`` like an activation."""
   return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-      mesh, sharding.logical_to_spec(names, shape, mesh, _ACT_RULES)))
+      mesh, sharding.logical_to_spec(names, shape, mesh, rules)))
 
 
-# Serving inputs are split like training activations: by the batch over (data, fsdp).
-_ACT_RULES = sharding.DEFAULT_RULES
+def _target(config, topology):
+  """What every program of ``config`` on ``topology`` shares: (model_cfg, spec, mesh, rules)."""
+  model_cfg, spec = config_lib.validate_config(config, check_data=False)
+  mesh = sharding.make_mesh(config.mesh.shape, topologies.devices(topology))
+  return model_cfg, spec, mesh, sharding.rules_from_config(config.mesh)
 
 
 def _train_batch(config, mesh) -> dict:
@@ -164,11 +168,8 @@ def _forward_flops(config, slots: int, text_len: int) -> float:
 
 def compile_train(config, topology, *, mfu: float = 0.4, buckets=None) -> list[Report]:
   """Compiles the train step for every bucket (or ``buckets``) on ``topology``'s devices."""
-  model_cfg, spec = config_lib.validate_config(config, check_data=False)
-  devices = topologies.devices(topology)
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  model_cfg, spec, mesh, rules = _target(config, topology)
   config_lib.check_batch_divisible(config, mesh)
-  rules = sharding.rules_from_config(config.mesh)
   graphdef, tx, params, opt_state = state_lib.abstract_state(
       model_cfg, config.optim, config.train.num_steps, mesh, rules)
   step_fn = train_step_lib.make_train_step(graphdef, tx, accum_steps=config.optim.grad_accum_steps,
@@ -188,7 +189,7 @@ def compile_train(config, topology, *, mfu: float = 0.4, buckets=None) -> list[R
       out.append(_refused("train", bucket, config.train.batch_size, error, topology, model_flops, settings))
       continue
     out.append(_report("train", bucket, config.train.batch_size, compiled, topology,
-                       len(devices), model_flops, mfu, settings,
+                       mesh.size, model_flops, mfu, settings,
                        recompute=4 / 3 if config.model.decoder.remat == "full" else 1.0))
   return out
 
@@ -208,18 +209,16 @@ def compile_serving(config, topology, *, budgets, batch: int, mfu: float = 0.4,
                     programs=("prefill", "decode")) -> list[Report]:
   """Compact prefill (ViT + connector + prompt; the paper's 129-token text prefix) at each
   budget, and one decode step over the KV cache it returns, for a serving ``batch``."""
-  model_cfg, spec = config_lib.validate_config(config, check_data=False)
-  devices = topologies.devices(topology)
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
-  rules = sharding.rules_from_config(config.mesh)
+  model_cfg, spec, mesh, rules = _target(config, topology)
   graphdef, params = state_lib.abstract_params(model_cfg, mesh, rules)
   param_shardings = sharding.tree_shardings(params)
   n_t, size = flops_lib.IMAGE_TEXT_TOKENS, model_cfg.vision.image_size
   settings = {**_settings(config, mesh), "serve_batch": batch}
-  images = _sds((batch, size, size, 3), jnp.float32, mesh, ("activation_batch", None, None, None))
-  text = _sds((batch, n_t), jnp.int32, mesh, ("activation_batch", None))
-  text_mask = _sds((batch, n_t), jnp.bool_, mesh, ("activation_batch", None))
-  budget_vec = _sds((batch,), jnp.int32, mesh, ("activation_batch",))
+  images = _sds((batch, size, size, 3), jnp.float32, mesh, ("activation_batch", None, None, None),
+                rules)
+  text = _sds((batch, n_t), jnp.int32, mesh, ("activation_batch", None), rules)
+  text_mask = _sds((batch, n_t), jnp.bool_, mesh, ("activation_batch", None), rules)
+  budget_vec = _sds((batch,), jnp.int32, mesh, ("activation_batch",), rules)
   out = []
   for budget in budgets:
     bucket = spec.compact_bucket(budget)
@@ -241,11 +240,11 @@ def compile_serving(config, topology, *, budgets, batch: int, mfu: float = 0.4,
                           settings))
       continue
     if "prefill" in programs:
-      out.append(_report("prefill", f"B={budget}", batch, compiled, topology, len(devices),
+      out.append(_report("prefill", f"B={budget}", batch, compiled, topology, mesh.size,
                          cost["total"] * batch, mfu, settings))
     if "decode" in programs and budget == max(budgets):
       out.append(_compile_decode(graphdef, params, param_shardings, lowered.out_info[1], mesh,
-                                 rules, topology, len(devices), batch, budget, cache_size,
+                                 rules, topology, mesh.size, batch, budget, cache_size,
                                  model_cfg, mfu, settings))
   return out
 
@@ -255,7 +254,7 @@ def _compile_decode(graphdef, params, param_shardings, cache_info, mesh, rules, 
   """One greedy decode step (embed, every layer over the cache, logits) after a prefill at
   ``budget``; the cache keeps the layout prefill produced and is donated."""
   cache = jax.tree.map(lambda i: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=i.sharding), cache_info)
-  token = _sds((batch,), jnp.int32, mesh, ("activation_batch",))
+  token = _sds((batch,), jnp.int32, mesh, ("activation_batch",), rules)
 
   def decode(params, token, cache):
     model = nnx.merge(graphdef, params)
@@ -293,10 +292,10 @@ def fit_train(config, topology, *, mfu: float = 0.4, max_accum: int = 256) -> tu
   Raises:
     ValueError: nothing up to ``max_accum`` (or one example per batch shard) fits.
   """
-  _, spec = config_lib.validate_config(config, check_data=False)
+  _, spec, mesh, _ = _target(config, topology)
   largest = max(spec.buckets, key=lambda b: b.num_slots)
   accum = int(config.optim.grad_accum_steps)
-  shards = sharding.batch_shards(sharding.make_mesh(config.mesh.shape, topologies.devices(topology)))
+  shards = sharding.batch_shards(mesh)
   tried = []
   while True:
     with config.unlocked():
@@ -319,7 +318,7 @@ def format_reports(reports: list[Report], topology) -> str:
   chip = topology.chip
   lines = [f"{topology.name}: {topology.num_chips} x {chip.name} ({topology.libtpu_name}), "
            f"{chip.hbm_bytes / 2**30:.0f} GiB HBM and {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 "
-           "per chip. Bytes are per chip (GiB); step time is an ESTIMATE from XLA's FLOPs.",
+           "per chip. Bytes are per chip (GiB); step time is an ESTIMATE (cost-model FLOPs at --mfu of peak).",
            f"{'program':<8} {'bucket':<18} {'batch':>6} {'accum':>5} {'args':>7} {'out':>7} {'temp':>8} "
            f"{'code':>6} {'peak':>8} {'fits':>5} {'XLA TFLOP':>10} {'model TF':>9} {'XLA/mod':>7} "
            f"{'est. s':>7}"]
