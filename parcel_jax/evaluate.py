@@ -1,10 +1,12 @@
 r"""Command line: evaluate checkpoints at many budgets (the library is ``parcel_jax.evaluation``).
 
     python -m parcel_jax.evaluate --workdir=RUN [--workdir=RUN2 ...] [--budgets=16,64,256] \
-        [--reference=NONE_RUN] [--out=DIR] [--num_examples=N] [--batch_size=N]
+        [--reference=NONE_RUN] [--out=DIR] [--num_examples=N] [--batch_size=N] [--per_example]
 
 writes ``DIR/budgets.json`` (exact match per budget and task family, loss, Appendix C FLOPs,
 retention against ``--reference``) and ``DIR/pareto.png``; see ``parcel_jax.evaluation``.
+``--per_example`` also writes ``DIR/per_example_<i>.npz`` per run and prints its fixed-budget
+curve and oracle (``parcel_jax.scores``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from absl import app, flags
 
 from parcel_jax import cli, host_memory
-from parcel_jax import evaluation
+from parcel_jax import evaluation, scores
 
 
 def main(argv) -> None:
@@ -26,10 +28,15 @@ def main(argv) -> None:
   try:
     budgets = [int(b) for b in f.budgets] if f.budgets else None
     report = evaluation.evaluate_workdirs(f.workdir, budgets=budgets, reference=f.reference, out=out,
-                                          num_examples=f.num_examples, batch_size=f.batch_size)
+                                          num_examples=f.num_examples, batch_size=f.batch_size,
+                                          per_example=f.per_example)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from e
   print(evaluation.format_report(report))
+  for run in report["runs"]:
+    if run.get("per_example_file"):
+      path = os.path.join(out, run["per_example_file"])
+      print(f"\n{run['label']}: {scores.format_summary(scores.load(path))}\nwrote {path}", flush=True)
   print(f"wrote {os.path.join(out, 'budgets.json')} and {os.path.join(out, 'pareto.png')}", flush=True)
 
 
@@ -40,6 +47,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", None, "Output directory (default: FIRST_WORKDIR/budget_eval).")
   flags.DEFINE_integer("num_examples", None, "Eval examples (default: the first run's eval.num_examples).")
   flags.DEFINE_integer("batch_size", None, "Eval batch size (default: each run's eval.batch_size).")
+  flags.DEFINE_bool("per_example", False, "Also write every example's correctness and answer "
+                    "confidence at every budget (DIR/per_example_<i>.npz) and print the oracle.")
   flags.mark_flags_as_required(["workdir"])
 
 

@@ -31,6 +31,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -41,6 +42,7 @@ from parcel_jax import config as config_lib
 from parcel_jax import flops as flops_lib
 from parcel_jax import losses
 from parcel_jax import runs
+from parcel_jax import scores as scores_lib
 from parcel_jax import sharding
 from parcel_jax.data import pipeline, synthetic
 
@@ -56,11 +58,14 @@ def encode_images(graphdef, params, images):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "bucket"))
 def _score(graphdef, params, features, batch, budget_vec, bucket):
-  """Per-example exact match (b,) bool, suffix loss sum (b,) and correct/total tokens (b,)."""
+  """Per-example exact match (b,) bool, suffix loss sum (b,), correct/total tokens (b,) and
+  the largest answer-token cross-entropy (b,) (``max_nll``: the least likely answer token)."""
   model = nnx.merge(graphdef, params)
   logits = model.text_logits(features, batch["text"], batch["text_mask"], batch["ar_mask"],
                              bucket=bucket, budgets=budget_vec)
-  return losses.per_example_scores(logits, batch["targets"], batch["loss_mask"])
+  nll = jnp.where(batch["loss_mask"], losses.token_cross_entropy(logits, batch["targets"]), 0.0)
+  return {**losses.per_example_scores(logits, batch["targets"], batch["loss_mask"]),
+          "max_nll": jnp.max(nll, axis=-1)}
 
 
 def _eval_stream(config, mesh):
@@ -90,8 +95,19 @@ def _to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def _row_index(num_batches: int, global_batch: int, sharded: bool) -> np.ndarray:
+  """The eval-stream index of every gathered row, in evaluate's order: a sharded batch holds
+  each process's rows (``process_index::process_count`` of the stream) one process after
+  another; otherwise every row in stream order."""
+  count = jax.process_count() if sharded else 1
+  local = global_batch // count
+  per_process = [np.arange(num_batches * global_batch)[p::count].reshape(num_batches, local)
+                 for p in range(count)]
+  return np.concatenate(per_process, axis=1).reshape(-1)
+
+
 def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, mesh,
-             *, progress: bool = True, encode_once: bool = True) -> dict:
+             *, progress: bool = True, encode_once: bool = True, per_example: bool = False) -> dict:
   """Exact match per budget and task family on the eval stream.
 
   Each image batch is encoded once; its vision features are reused for every
@@ -106,16 +122,21 @@ def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, me
     budgets: the budgets to evaluate.
     mesh: batches are sharded over its data axes when the batch size allows. With several
       processes each reads its share of every (global) batch; all return the same result.
+    per_example: also return every example's scores at every budget (``"per_example"``).
 
   Returns:
     ``{"method", "num_examples", "budgets": {str(B): {"overall": em, family: em, ...}},
     "token_metrics": {str(B): {"loss", "token_accuracy"}}}``; exact match in [0, 1],
-    loss the mean suffix cross-entropy per token.
+    loss the mean suffix cross-entropy per token. With ``per_example`` also
+    ``"per_example": {"budgets" (k,), "index" (n,) eval-stream index, "family" (n,),
+    "correct" (n, k) bool exact match, "answer_prob" (n, k) the product and
+    "min_token_prob" (n, k) the minimum of the answer tokens' probabilities (EOS included)
+    under teacher forcing}`` as numpy (``parcel_jax.scores`` saves and reads them).
   """
   budgets = tuple(int(b) for b in budgets)
   buckets = {b: spec.compact_bucket(b) for b in budgets}
   dataset, batch_spec = _eval_stream(config, mesh)
-  sums = {b: {k: [] for k in ("em", "loss", "correct", "tokens")} for b in budgets}
+  sums = {b: {k: [] for k in ("em", "loss", "correct", "tokens", "max_nll")} for b in budgets}
   families, valid = [], []
   start, num_batches = time.perf_counter(), len(dataset)
   for i, batch in enumerate(dataset):
@@ -155,8 +176,17 @@ def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, me
     tokens = max(cat["tokens"].sum(), 1.0)
     token_metrics[str(b)] = {"loss": float(cat["loss"].sum() / tokens),
                              "token_accuracy": float(cat["correct"].sum() / tokens)}
-  return {"method": spec.method, "num_examples": int(families.size), "budgets": results,
-          "token_metrics": token_metrics}
+  out = {"method": spec.method, "num_examples": int(families.size), "budgets": results,
+         "token_metrics": token_metrics}
+  if per_example:
+    column = lambda key: np.stack([np.concatenate(sums[b][key])[valid] for b in budgets], axis=1)
+    index = _row_index(num_batches, valid.size // max(num_batches, 1), not batch_spec.is_fully_replicated)
+    out["per_example"] = {
+        "budgets": np.asarray(budgets, np.int32), "index": index[valid].astype(np.int64),
+        "family": families.astype(np.int32), "correct": column("em").astype(bool),
+        "answer_prob": np.exp(-column("loss").astype(np.float64)),
+        "min_token_prob": np.exp(-column("max_nll").astype(np.float64))}
+  return out
 
 
 def format_table(result: dict) -> str:
@@ -219,9 +249,12 @@ def _with_eval(config, num_examples: int, batch_size: int | None):
 
 
 def evaluate_run(run, budgets, *, num_examples: int, batch_size: int | None = None,
-                 reference: dict | None = None, progress: bool = True) -> dict:
+                 reference: dict | None = None, progress: bool = True,
+                 per_example: bool = False) -> dict:
   """One run at ``budgets`` (see ``run_budgets``): scores, token metrics, FLOPs, and with a
-  ``reference`` (the report's reference entry: ``score`` and ``token_accuracy``) retention."""
+  ``reference`` (the report's reference entry: ``score`` and ``token_accuracy``) retention.
+  ``per_example``: also ``"per_example"``, evaluate's arrays plus ``"flops"`` (k,) total
+  FLOPs per budget (what ``scores.save`` writes)."""
   spec, budgets = run_budgets(run, budgets)
   if not budgets:
     raise ValueError(f"{run.label()}: none of the requested budgets is in the space of method "
@@ -229,7 +262,8 @@ def evaluate_run(run, budgets, *, num_examples: int, batch_size: int | None = No
   config = _with_eval(run.config, num_examples, batch_size)
   logging.info("evaluating %s (step %s) at budgets %s on %d examples", run.label(), run.step,
                list(budgets), num_examples)
-  result = evaluate(run.graphdef, run.params, config, spec, budgets, run.mesh, progress=progress)
+  result = evaluate(run.graphdef, run.params, config, spec, budgets, run.mesh, progress=progress,
+                    **({"per_example": True} if per_example else {}))
   rows = {}
   for b in budgets:
     score, tokens = result["budgets"][str(b)], result["token_metrics"][str(b)]
@@ -240,9 +274,13 @@ def evaluate_run(run, budgets, *, num_examples: int, batch_size: int | None = No
         # A smoother proxy for small or under-trained models: the same ratio on token accuracy.
         "token_accuracy_retention": (_percent_of(tokens["token_accuracy"], reference["token_accuracy"])
                                      if reference else None)}
-  return {"workdir": run.workdir, "step": run.step, "method": run.method, "label": run.label(),
-          "num_examples": result["num_examples"], "trained_budgets": list(run.spec.budgets),
-          "budgets": rows}
+  out = {"workdir": run.workdir, "step": run.step, "method": run.method, "label": run.label(),
+         "num_examples": result["num_examples"], "trained_budgets": list(run.spec.budgets),
+         "budgets": rows}
+  if per_example:
+    out["per_example"] = {**result["per_example"],
+                          "flops": np.asarray([rows[str(b)]["flops"]["total"] for b in budgets], np.float64)}
+  return out
 
 
 def plot_pareto(report: dict, path: str) -> None:
@@ -287,8 +325,10 @@ def plot_pareto(report: dict, path: str) -> None:
 
 def evaluate_workdirs(workdirs, *, budgets=None, reference: str | None = None,
                       out: str, num_examples: int | None = None, batch_size: int | None = None,
-                      progress: bool = True) -> dict:
-  """The CLI's work: evaluates every workdir, writes ``out``/budgets.json and pareto.png."""
+                      progress: bool = True, per_example: bool = False) -> dict:
+  """The CLI's work: evaluates every workdir, writes ``out``/budgets.json and pareto.png.
+  ``per_example``: also ``out``/per_example_<i>.npz for the i-th run (``scores.save``; its
+  run entry names it under ``"per_example_file"``)."""
 
   loaded = [runs.load_run(w) for w in workdirs]
   ref_run = runs.load_run(reference) if reference else None
@@ -314,8 +354,15 @@ def evaluate_workdirs(workdirs, *, budgets=None, reference: str | None = None,
   for i, run in enumerate(loaded):
     logging.info("run %d/%d: %s", i + 1, len(loaded), run.workdir)
     report["runs"].append(evaluate_run(run, budgets, num_examples=num_examples, batch_size=batch_size,
-                                       reference=report["reference"], progress=progress))
+                                       reference=report["reference"], progress=progress,
+                                       per_example=per_example))
   os.makedirs(out, exist_ok=True)
+  for i, entry in enumerate(report["runs"]):
+    if "per_example" in entry:
+      entry["per_example_file"] = f"per_example_{i}.npz"
+      scores_lib.save(os.path.join(out, entry["per_example_file"]), entry.pop("per_example"),
+                      method=entry["method"], label=entry["label"], workdir=entry["workdir"],
+                      step=entry["step"])
   with open(os.path.join(out, "budgets.json"), "w") as f:
     json.dump(report, f, indent=2)
   plot_pareto(report, os.path.join(out, "pareto.png"))

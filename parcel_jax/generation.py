@@ -12,6 +12,7 @@ Use: ``generate(run, image, question, budgets)`` with a ``runs.Run``.
 from __future__ import annotations
 
 import functools
+import io
 import os
 
 import jax
@@ -25,18 +26,33 @@ from parcel_jax import evaluation
 from parcel_jax.data import tokenizer as tokenizer_lib
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-  """Reads any PIL-readable image as RGB, resized to (size, size): float32 (size, size, 3) in [-1, 1]."""
-  from PIL import Image
+def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
+  """Image file bytes (any format PIL reads) as RGB, resized to (size, size): float32
+  (size, size, 3) in [-1, 1]. ValueError naming ``name`` if PIL cannot read them."""
+  from PIL import Image, UnidentifiedImageError
 
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im = im.convert("RGB")
+      if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+      pixels = np.asarray(im, np.float32)
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some truncated PNGs
+    raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
+  return pixels / 127.5 - 1.0
+
+
+def read_file(path: str) -> bytes:
+  """The bytes of ``path``; FileNotFoundError naming it if it is missing or not a file."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"image {path} does not exist")
-  with Image.open(path) as im:
-    im = im.convert("RGB")
-    if im.size != (size, size):
-      im = im.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(im, np.float32)
-  return pixels / 127.5 - 1.0
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """Reads any PIL-readable image as RGB, resized to (size, size): float32 (size, size, 3) in [-1, 1]."""
+  return decode_image(read_file(path), size, f"image {path}")
 
 
 def prompt_tokens(question: str, tokenizer=None) -> np.ndarray:
@@ -67,41 +83,84 @@ def prefill(model, features, prefix, prefix_mask, budgets, *, bucket, cache_size
 # ------------------------------------------------------------- jitted pieces
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "bucket", "cache_size"))
-def _prefill(graphdef, params, features, prefix, budgets, *, bucket, cache_size):
-  """``prefill`` over a full prefix: the first answer token (b,) and the KVCache."""
-  logits, cache = prefill(nnx.merge(graphdef, params), features, prefix, jnp.ones(prefix.shape, bool),
-                          budgets, bucket=bucket, cache_size=cache_size)
-  return jnp.argmax(logits, -1).astype(jnp.int32), cache
+def _prefill(graphdef, params, features, prefix, budgets, *, bucket, cache_size, prefix_mask=None):
+  """``prefill``: the logits of the first answer token (b, vocab) and the KVCache;
+  ``prefix_mask`` None: every prefix position is valid."""
+  if prefix_mask is None:
+    prefix_mask = jnp.ones(prefix.shape, bool)
+  return prefill(nnx.merge(graphdef, params), features, prefix, prefix_mask, budgets,
+                 bucket=bucket, cache_size=cache_size)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "stop_at_eos"))
-def _decode(graphdef, params, first, cache, *, max_new_tokens, eos_id, stop_at_eos):
-  """Greedy decoding from ``first`` (b,): tokens (b, max_new_tokens) int32.
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "stop_at_eos",
+                                             "keep_logits"))
+def _decode(graphdef, params, first_logits, cache, *, max_new_tokens, eos_id, stop_at_eos,
+            keep_logits=False):
+  """Greedy decoding from the first answer token's logits (b, vocab): tokens (b, T) int32,
+  each emitted token's log-probability (b, T) float32 and, with ``keep_logits``, the logits
+  every token was chosen from (b, T, vocab) (else None); T = ``max_new_tokens``.
 
   Token i is emitted, then fed through ``decode_step`` to produce token i + 1. With
-  ``stop_at_eos`` the loop ends once every row has emitted EOS (later slots hold EOS).
+  ``stop_at_eos`` the loop ends once every row has emitted EOS (later slots hold EOS,
+  log-probability 0 and logits 0).
 
   The model is merged inside the loop body, not around the loop: NNX variables belong to
   the trace level they were created at, and a scanned decoder (``decoder.scan=True``) passes
   its layers to ``nnx.scan``, which refuses variables from an outer trace."""
-  b = first.shape[0]
+  b, vocab = first_logits.shape
 
   def cond(state):
-    i, _, _, _, done = state
+    i, done = state[0], state[-1]
     return (i < max_new_tokens) & ~(stop_at_eos & jnp.all(done))
 
   def body(state):
-    i, token, cache, tokens, done = state
+    i, logits, cache, tokens, logprobs, kept, done = state
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
     tokens = tokens.at[:, i].set(token)
+    logprobs = logprobs.at[:, i].set(logp)
+    if keep_logits:
+      kept = kept.at[:, i].set(logits)
     done = done | (token == eos_id)
     decoder = nnx.merge(graphdef, params).decoder
     hidden, cache = decoder.decode_step(decoder.embed(token[:, None]), cache)
-    token = jnp.argmax(decoder.logits(hidden[:, 0]), -1).astype(jnp.int32)
-    return i + 1, token, cache, tokens, done
+    return i + 1, decoder.logits(hidden[:, 0]), cache, tokens, logprobs, kept, done
 
   tokens = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
-  state = (jnp.int32(0), first, cache, tokens, jnp.zeros((b,), bool))
-  return jax.lax.while_loop(cond, body, state)[3]
+  logprobs = jnp.zeros((b, max_new_tokens), jnp.float32)
+  kept = jnp.zeros((b, max_new_tokens if keep_logits else 0, vocab), jnp.float32)
+  state = (jnp.int32(0), first_logits.astype(jnp.float32), cache, tokens, logprobs, kept,
+           jnp.zeros((b,), bool))
+  _, _, _, tokens, logprobs, kept, _ = jax.lax.while_loop(cond, body, state)
+  return tokens, logprobs, (kept if keep_logits else None)
+
+
+def decode_batch(run, features, prefix, prefix_mask, budgets, *, bucket, max_new_tokens: int,
+                 stop_at_eos: bool = True, keep_logits: bool = False) -> dict:
+  """KV-cache greedy decoding of a batch whose rows may have different budgets and prompts.
+
+  Every row's budget must be served by ``bucket`` (slots beyond a row's budget are masked,
+  as in training); prompts shorter than the batch's are left-padded (``prefix_mask`` False),
+  so each row's last prefix position is its SEP. A row's answer equals that row decoded
+  alone at its compact bucket (masked slots and padding are invisible to the decoder).
+
+  Args:
+    features: (b, g, g, Dv) ViT features; prefix, prefix_mask: (b, L) int32 / bool;
+      budgets: (b,) int32; bucket: a ``budgets.Bucket`` serving every row's budget.
+  Returns:
+    ``{"tokens": (b, T) int32, "logprobs": (b, T) float32, "logits": (b, T, vocab) or
+    None}`` as numpy, T = ``max_new_tokens`` (see ``_decode``).
+  """
+  prefix = jnp.asarray(prefix, jnp.int32)
+  length = prefix.shape[1]
+  logits, cache = _prefill(run.graphdef, run.params, features, prefix, jnp.asarray(budgets, jnp.int32),
+                           bucket=bucket, cache_size=bucket.num_slots + length + max_new_tokens,
+                           prefix_mask=jnp.asarray(prefix_mask, bool))
+  tokens, logprobs, kept = _decode(run.graphdef, run.params, logits, cache,
+                                   max_new_tokens=max_new_tokens, eos_id=run.tokenizer.eos_id,
+                                   stop_at_eos=stop_at_eos, keep_logits=keep_logits)
+  return {"tokens": np.asarray(tokens), "logprobs": np.asarray(logprobs),
+          "logits": None if kept is None else np.asarray(kept)}
 
 
 # ------------------------------------------------------------------ generate
@@ -128,14 +187,12 @@ def greedy_tokens(run, features, prefix: np.ndarray, budget: int, max_new_tokens
   Returns:
     (b, max_new_tokens) int32 answer tokens (after EOS: EOS).
   """
-  prefix = jnp.asarray(prefix, jnp.int32)
-  bucket = run.method_space().compact_bucket(budget)  # exactly B visual tokens
-  b, length = prefix.shape
-  first, cache = _prefill(run.graphdef, run.params, features, prefix, jnp.full((b,), budget, jnp.int32),
-                          bucket=bucket, cache_size=bucket.num_slots + length + max_new_tokens)
-  tokens = _decode(run.graphdef, run.params, first, cache, max_new_tokens=max_new_tokens,
-                   eos_id=run.tokenizer.eos_id, stop_at_eos=stop_at_eos)
-  return np.asarray(tokens)
+  prefix = np.asarray(prefix, np.int32)
+  out = decode_batch(run, features, prefix, np.ones(prefix.shape, bool),
+                     np.full((prefix.shape[0],), budget, np.int32),
+                     bucket=run.method_space().compact_bucket(budget),  # exactly B visual tokens
+                     max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos)
+  return out["tokens"]
 
 
 def generate(run, image: np.ndarray, question: str, budgets, *,

@@ -1,33 +1,71 @@
-r"""Command line: answer a question about an image at one or more visual-token budgets.
+r"""Command line: answer questions about images at chosen visual-token budgets.
+
+One question, at one or more budgets:
 
     python -m parcel_jax.predict --workdir=RUN --image=cat.png --question="where is the red square" \
         --budget=16,64,256 [--max_new_tokens=N] [--step=S]
 
 prints one line per budget, ``budget B: answer`` (``parcel_jax.generation``: the ViT runs
 once, every budget at its compact shape, KV-cache greedy decoding).
+
+A file of requests, mixed budgets batched together (``parcel_jax.serving``):
+
+    python -m parcel_jax.predict --workdir=RUN --requests=FILE.jsonl --out=ANSWERS.jsonl \
+        [--batch_size=8] [--auto_scores=per_example_0.npz --auto_tolerance=0.01]
+
+each line ``{"id", "image", "question", "budget": int or "auto"}`` (relative image paths are
+relative to FILE's directory); writes one record per request, in order: the answer, or
+``{"id", "line", "error"}`` for a request that cannot be served (every other one is still
+answered), and prints requests/s, visual tokens/s and the image cache's hits.
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 
-from parcel_jax import cli, generation, runs
+from parcel_jax import cli, generation, runs, scores, serving
+
+
+def _single(run, f) -> None:
+  budgets = [int(b) for b in f.budget]
+  image = generation.load_image(f.image, run.image_size)
+  answers = generation.generate(run, image, f.question, budgets, max_new_tokens=f.max_new_tokens or None)
+  for b, answer in answers.items():
+    print(f"budget {b}: {answer}", flush=True)
+
+
+def _batch(run, f) -> None:
+  requests = serving.read_requests(f.requests)
+  policy = (serving.policy_from_scores(scores.load(f.auto_scores), f.auto_tolerance)
+            if f.auto_scores else None)
+  server = serving.Server(run, batch_size=f.batch_size, max_new_tokens=f.max_new_tokens or None,
+                          policy=policy)
+  records = server.serve(requests)
+  serving.write_records(f.out, records)
+  for record in records:
+    if "error" in record:
+      print(f"skipped {serving.describe(record['line'], record['id'])}: {record['error']}", flush=True)
+  print(f"served {server.stats.line()}", flush=True)
+  print(f"wrote {f.out}", flush=True)
 
 
 def main(argv) -> None:
   del argv
   cli.quiet_library_logs()
   f = flags.FLAGS
+  single = (f.image, f.question, f.budget)
+  if f.requests:
+    if any(single):
+      raise SystemExit("error: --requests replaces --image, --question and --budget; give one or the other")
+    if not f.out:
+      raise SystemExit("error: --requests needs --out=ANSWERS.jsonl")
+  elif not all(single):
+    raise SystemExit("error: give --image, --question and --budget, or --requests and --out")
   try:
-    budgets = [int(b) for b in f.budget]
     run = runs.load_run(f.workdir, f.step)
-    image = generation.load_image(f.image, run.image_size)
-    answers = generation.generate(run, image, f.question, budgets,
-                                  max_new_tokens=f.max_new_tokens or None)
+    _batch(run, f) if f.requests else _single(run, f)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from e
-  for b, answer in answers.items():
-    print(f"budget {b}: {answer}", flush=True)
 
 
 def _define_flags() -> None:
@@ -37,7 +75,15 @@ def _define_flags() -> None:
   flags.DEFINE_string("question", None, "Question, in the tokenizer's words.")
   flags.DEFINE_list("budget", None, "Visual-token budget(s), comma separated.")
   flags.DEFINE_integer("max_new_tokens", 0, "Answer tokens at most (0: data.max_text_len - prompt).")
-  flags.mark_flags_as_required(["workdir", "image", "question", "budget"])
+  flags.DEFINE_string("requests", None, "JSONL file of requests {id, image, question, budget}.")
+  flags.DEFINE_string("out", None, "With --requests: the answers' JSONL file.")
+  flags.DEFINE_integer("batch_size", 8, "With --requests: rows per batch (every batch is padded to it).")
+  flags.DEFINE_string("auto_scores", None, "With --requests: per-example scores (.npz from evaluate "
+                      "--per_example) that choose the budget of 'auto' requests (default: the "
+                      "smallest trained budget).")
+  flags.DEFINE_float("auto_tolerance", 0.01, "With --auto_scores: the smallest budget within this "
+                     "exact match of the best.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":

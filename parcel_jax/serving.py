@@ -1,0 +1,447 @@
+r"""Mixed-budget batched inference with an image-feature cache.
+
+One checkpoint serves every visual-token budget. ``Server.serve(requests)`` answers a list
+of requests (image, question, budget: an int or ``"auto"``) with KV-cache greedy decoding:
+
+  1. Each image file is read and hashed (sha256 of its bytes). Images already in the
+     ``FeatureCache`` are not decoded or encoded again (a hit); the others are encoded by
+     the ViT in batches of ``batch_size`` (padded: one compiled encoder).
+  2. ``"auto"`` budgets are chosen by the server's ``policy(request, features) -> budget``.
+  3. Requests are grouped by the bucket that serves their budget (``BudgetSpec.bucket`` of
+     the method's whole space: at grid 16 PARCEL has six, 4x4+0q .. 8x8+192q), and each
+     group runs in batches of ``batch_size`` rows with per-row budget masks: requests of
+     different budgets share one compiled prefill and decode program. Prompts are
+     left-padded to ``data.max_text_len`` and short batches repeat their first row, so the
+     shapes never change: one program per bucket. A row's answer equals that request
+     decoded alone at its compact bucket (masked slots and padding are invisible).
+  4. A bad request (unknown or out-of-space budget, missing or unreadable image, empty or
+     over-long question, malformed line) becomes an error record naming its line and id;
+     every other request is still answered.
+
+``grouping="budget"`` instead batches one budget at a time at its compact shape (exactly B
+visual tokens, one program per distinct budget): the baseline of
+``benchmarks/mixed_budget.py``.
+
+The command line is ``python -m parcel_jax.predict --workdir=RUN --requests=FILE.jsonl
+--out=ANSWERS.jsonl``; each line ``{"id", "image", "question", "budget"}``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from absl import logging
+
+from parcel_jax import budgets as budgets_lib
+from parcel_jax import evaluation
+from parcel_jax import generation
+from parcel_jax import scores as scores_lib
+
+AUTO = "auto"
+FIELDS = ("id", "image", "question", "budget")
+GROUPINGS = ("bucket", "budget")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One question about one image. ``line``: 1-based line in the requests file (or the
+  position in a list); ``budget``: visual tokens, or ``"auto"`` (the server's policy)."""
+  line: int
+  id: object
+  image: str
+  question: str
+  budget: int | str
+
+  def name(self) -> str:
+    return describe(self.line, self.id)
+
+
+def describe(line: int, request_id) -> str:
+  return f"request line {line} (id {request_id!r})"
+
+
+class RequestError(ValueError):
+  """A request that cannot be served; the message names its line and id."""
+
+  def __init__(self, line: int, request_id, message: str):
+    super().__init__(f"{describe(line, request_id)}: {message}")
+    self.line, self.id, self.reason = line, request_id, message
+
+  def record(self) -> dict:
+    return {"id": self.id, "line": self.line, "error": self.reason}
+
+
+def parse_request(obj, line: int, base_dir: str = "") -> Request:
+  """A request from a decoded JSON object; RequestError naming ``line`` and the id.
+
+  Only the fields' types are checked here; the budget's space, the image and the question's
+  length are checked by the server (they depend on the model)."""
+  rid = obj.get("id") if isinstance(obj, dict) else None
+  if not isinstance(obj, dict):
+    raise RequestError(line, rid, f"expected a JSON object with fields {list(FIELDS)}, got {type(obj).__name__}")
+  missing = [k for k in FIELDS if k not in obj]
+  if missing:
+    raise RequestError(line, rid, f"missing field(s) {missing}; a request has {list(FIELDS)}")
+  unknown = sorted(set(obj) - set(FIELDS))
+  if unknown:
+    raise RequestError(line, rid, f"unknown field(s) {unknown}; a request has {list(FIELDS)}")
+  image, question, budget = obj["image"], obj["question"], obj["budget"]
+  if not isinstance(image, str) or not image:
+    raise RequestError(line, rid, f"'image' must be a non-empty path, got {image!r}")
+  if not isinstance(question, str) or not question.strip():
+    raise RequestError(line, rid, f"'question' is empty ({question!r})")
+  if budget != AUTO and (isinstance(budget, bool) or not isinstance(budget, int)):
+    raise RequestError(line, rid, f"'budget' must be an integer or {AUTO!r}, got {budget!r}")
+  path = image if os.path.isabs(image) or not base_dir else os.path.join(base_dir, image)
+  return Request(line, rid, path, question, budget)
+
+
+def read_requests(path: str) -> list[Request | RequestError]:
+  """Every non-blank line of a JSONL file as a Request, or a RequestError for a bad line
+  (kept in place so that it is reported, not dropped). Relative image paths are resolved
+  against the file's directory. FileNotFoundError if ``path`` does not exist."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"requests file {path} does not exist")
+  base_dir = os.path.dirname(os.path.abspath(path))
+  out = []
+  with open(path) as f:
+    for line, text in enumerate(f, 1):
+      if not text.strip():
+        continue
+      try:
+        obj = json.loads(text)
+      except json.JSONDecodeError as e:
+        out.append(RequestError(line, None, f"not valid JSON ({e})"))
+        continue
+      try:
+        out.append(parse_request(obj, line, base_dir))
+      except RequestError as e:
+        out.append(e)
+  return out
+
+
+# ---------------------------------------------------------------- budget policies
+
+Policy = Callable[[Request, np.ndarray], int]
+
+
+def smallest_budget_policy(budgets: Sequence[int]) -> Policy:
+  """``"auto"`` -> the smallest of ``budgets`` (e.g. the run's trained set), whatever the image.
+
+  A placeholder that knows nothing about the request: the cheapest answer. Use
+  ``policy_from_scores`` when per-example eval scores exist; per-request policies
+  (confidence cascades, routers on the features) plug in through the same signature."""
+  smallest = int(min(budgets))
+  return lambda request, features: smallest
+
+
+def policy_from_scores(scores: dict, tolerance: float = 0.01) -> Policy:
+  """``"auto"`` -> the smallest budget whose overall fixed-budget exact match on held-out
+  per-example scores (``scores.load``) is within ``tolerance`` of the best budget's.
+
+  One budget for every request, chosen from measured accuracy rather than blindly; it
+  does not look at the request or its features."""
+  curve = scores_lib.fixed_budget_curve(scores)
+  best = max(row["accuracy"]["overall"] for row in curve)
+  chosen = min(row["budget"] for row in curve if row["accuracy"]["overall"] >= best - tolerance)
+  logging.info("auto budget from per-example scores: B=%d (best fixed-budget exact match %.3f, "
+               "tolerance %.3f)", chosen, best, tolerance)
+  return lambda request, features: chosen
+
+
+# ---------------------------------------------------------------- feature cache
+
+class FeatureCache:
+  """ViT features (g, g, Dv) by image content hash (sha256 of the file bytes), least
+  recently used evicted beyond ``max_entries``. ``hits`` / ``misses`` count lookups."""
+
+  def __init__(self, max_entries: int = 4096):
+    if max_entries < 1:
+      raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+    self.max_entries = max_entries
+    self._entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    self.hits = self.misses = 0
+
+  @staticmethod
+  def key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._entries
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def lookup(self, key: str) -> bool:
+    """Counts a hit or a miss for ``key``; True on a hit."""
+    hit = key in self._entries
+    if hit:
+      self.hits += 1
+      self._entries.move_to_end(key)
+    else:
+      self.misses += 1
+    return hit
+
+  def get(self, key: str) -> np.ndarray:
+    return self._entries[key]
+
+  def put(self, key: str, features: np.ndarray) -> None:
+    self._entries[key] = features
+    self._entries.move_to_end(key)
+    while len(self._entries) > self.max_entries:
+      self._entries.popitem(last=False)
+
+
+# ---------------------------------------------------------------- the server
+
+@dataclasses.dataclass
+class ServeStats:
+  """What one ``serve`` call did."""
+  requests: int = 0
+  answered: int = 0
+  errors: int = 0
+  cache_hits: int = 0
+  images_encoded: int = 0
+  batches: int = 0
+  visual_tokens: int = 0          # summed budgets of the answered requests
+  programs: set = dataclasses.field(default_factory=set)  # decode shapes (buckets) used
+  seconds: float = 0.0
+
+  @property
+  def requests_per_s(self) -> float:
+    return self.requests / max(self.seconds, 1e-9)
+
+  @property
+  def visual_tokens_per_s(self) -> float:
+    return self.visual_tokens / max(self.seconds, 1e-9)
+
+  def line(self) -> str:
+    return (f"{self.requests} requests ({self.answered} answered, {self.errors} errors) in "
+            f"{self.seconds:.2f} s: {self.requests_per_s:.1f} requests/s, "
+            f"{self.visual_tokens_per_s:.0f} visual tokens/s; image cache {self.cache_hits} hits, "
+            f"{self.images_encoded} encoded; {self.batches} batches, {len(self.programs)} decode programs")
+
+
+@dataclasses.dataclass
+class _Item:
+  """A request on its way through ``serve``."""
+  pos: int
+  request: Request
+  prompt: np.ndarray
+  key: str
+  cached: bool
+  features: np.ndarray | None = None    # (g, g, Dv), held from lookup to decoding
+  budget: int = 0
+
+
+class Server:
+  """Serves requests for one run (``runs.Run``); see the module docstring.
+
+  Args:
+    batch_size: rows per encoder and decoder batch (every batch is padded to it).
+    max_new_tokens: answer tokens at most; None: ``data.max_text_len`` minus the prompt,
+      per request (as ``generation.generate``).
+    policy: ``policy(request, features (g, g, Dv)) -> budget`` for ``"auto"`` requests;
+      None: ``smallest_budget_policy`` of the run's trained budgets.
+    cache: a ``FeatureCache`` (shared across calls; None: a new one).
+    grouping: ``"bucket"`` (mixed budgets per batch) or ``"budget"`` (one budget per batch,
+      compact shapes).
+    keep_logits: also return the logits each answer token was chosen from (tests).
+  """
+
+  def __init__(self, run, *, batch_size: int = 8, max_new_tokens: int | None = None,
+               policy: Policy | None = None, cache: FeatureCache | None = None,
+               grouping: str = "bucket", keep_logits: bool = False):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if grouping not in GROUPINGS:
+      raise ValueError(f"grouping={grouping!r} is unknown; allowed: {', '.join(GROUPINGS)}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    self.run, self.batch_size, self.grouping, self.keep_logits = run, batch_size, grouping, keep_logits
+    self.space = run.method_space()
+    self.policy = policy or smallest_budget_policy(run.spec.budgets)
+    self.cache = cache if cache is not None else FeatureCache()
+    self.max_new_tokens = max_new_tokens
+    self.prompt_len = int(run.config.data.max_text_len)
+    self.decode_len = max_new_tokens or max(self.prompt_len - 2, 1)  # [BOS, SEP] at the least
+    self.stats = ServeStats()
+
+  # ---------------------------------------------------------------- checks
+
+  def check_budget(self, request: Request, budget) -> int:
+    """``budget`` as an int in the method's space; RequestError naming the request if not."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+      raise RequestError(request.line, request.id, f"budget {budget!r} is not an integer")
+    if int(budget) not in self.space.budgets:
+      raise RequestError(request.line, request.id,
+                         f"budget {int(budget)} is not valid for method {self.run.method!r}; "
+                         f"allowed: {budgets_lib._describe(self.space.budgets)}")
+    return int(budget)
+
+  def _prompt(self, request: Request) -> np.ndarray:
+    prompt = generation.prompt_tokens(request.question, self.run.tokenizer)
+    if len(prompt) > self.prompt_len:
+      raise RequestError(request.line, request.id,
+                         f"the question is {len(prompt)} tokens with BOS and SEP; at most "
+                         f"data.max_text_len = {self.prompt_len}")
+    return prompt
+
+  def _bucket(self, budget: int) -> budgets_lib.Bucket:
+    if self.grouping == "bucket":
+      return self.space.bucket(budget)
+    return self.space.compact_bucket(budget)
+
+  # ---------------------------------------------------------------- encoding
+
+  def _encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    """ViT features of ``images`` (each (S, S, 3)), ``batch_size`` at a time (padded)."""
+    out = []
+    size = self.run.image_size
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      batch = np.zeros((self.batch_size, size, size, 3), np.float32)
+      batch[:len(chunk)] = np.stack(chunk)
+      features = np.asarray(evaluation.encode_images(self.run.graphdef, self.run.params, batch))
+      out.extend(features[:len(chunk)])
+    return out
+
+  # ---------------------------------------------------------------- decoding
+
+  def _decode_group(self, bucket: budgets_lib.Bucket, items: list[_Item], results: list) -> None:
+    tokenizer = self.run.tokenizer
+    for start in range(0, len(items), self.batch_size):
+      chunk = items[start:start + self.batch_size]
+      rows = chunk + [chunk[0]] * (self.batch_size - len(chunk))   # fixed batch: one program
+      prefix = np.zeros((self.batch_size, self.prompt_len), np.int32)
+      mask = np.zeros((self.batch_size, self.prompt_len), bool)
+      for i, item in enumerate(rows):                 # left-padded: the SEP is last
+        prefix[i, self.prompt_len - len(item.prompt):] = item.prompt
+        mask[i, self.prompt_len - len(item.prompt):] = True
+      features = np.stack([item.features for item in rows])
+      budgets = np.asarray([item.budget for item in rows], np.int32)
+      out = generation.decode_batch(self.run, features, prefix, mask, budgets, bucket=bucket,
+                                    max_new_tokens=self.decode_len, keep_logits=self.keep_logits)
+      self.stats.batches += 1
+      self.stats.programs.add(bucket)
+      for i, item in enumerate(chunk):
+        limit = self.max_new_tokens or max(self.prompt_len - len(item.prompt), 1)
+        tokens = out["tokens"][i, :limit]
+        eos = np.flatnonzero(tokens == tokenizer.eos_id)
+        n = int(eos[0]) + 1 if eos.size else limit     # answer tokens, EOS included
+        logp = out["logprobs"][i, :n].astype(np.float64)
+        record = {"id": item.request.id, "line": item.request.line, "budget": item.budget,
+                  "answer": tokenizer.decode(tokens.tolist()),
+                  "answer_prob": float(np.exp(logp.sum())), "min_token_prob": float(np.exp(logp.min())),
+                  "bucket": str(bucket), "cached": item.cached}
+        if self.keep_logits:
+          record["logits"] = out["logits"][i, :n]
+        results[item.pos] = record
+        self.stats.answered += 1
+        self.stats.visual_tokens += item.budget
+
+  # ---------------------------------------------------------------- serve
+
+  def _fail(self, results: list, pos: int, error: RequestError) -> None:
+    logging.warning("skipped %s", error)
+    results[pos] = error.record()
+    self.stats.errors += 1
+
+  def serve(self, requests: Sequence[Request | RequestError]) -> list[dict]:
+    """Answers every request; one record per request, in order.
+
+    A RequestError in ``requests`` (a bad line of the file) and every request that cannot
+    be served become ``{"id", "line", "error"}``; the others
+    ``{"id", "line", "budget", "answer", "answer_prob", "min_token_prob", "bucket", "cached"}``
+    (``answer_prob`` / ``min_token_prob``: product / minimum of the greedy answer tokens'
+    probabilities, EOS included; ``cached``: features came from the cache). ``self.stats``
+    holds this call's counts and timing.
+    """
+    self.stats = stats = ServeStats(requests=len(requests))
+    start = time.perf_counter()
+    results: list = [None] * len(requests)
+    items, to_encode = [], {}                   # key -> (image bytes, first request)
+    for pos, request in enumerate(requests):
+      if isinstance(request, RequestError):
+        self._fail(results, pos, request)
+        continue
+      try:
+        prompt = self._prompt(request)
+        if request.budget != AUTO:
+          self.check_budget(request, request.budget)
+        try:
+          data = generation.read_file(request.image)
+        except OSError as e:                    # missing, a directory, unreadable
+          raise RequestError(request.line, request.id, str(e)) from e
+      except RequestError as e:
+        self._fail(results, pos, e)
+        continue
+      key = FeatureCache.key(data)
+      # A hit: encoded by an earlier call, or by an earlier request of this one.
+      item = _Item(pos, request, prompt, key, cached=self.cache.lookup(key) or key in to_encode)
+      if key in self.cache:
+        item.features = self.cache.get(key)     # held: later puts may evict it
+      elif key not in to_encode:
+        to_encode[key] = (data, request)
+      stats.cache_hits += item.cached
+      items.append(item)
+
+    # Decode and encode the new images; an unreadable one fails every request that asks it.
+    bad, images, keys = {}, [], []
+    for key, (data, first) in to_encode.items():
+      try:
+        images.append(generation.decode_image(data, self.run.image_size, f"image {first.image}"))
+        keys.append(key)
+      except ValueError as e:
+        bad[key] = str(e)
+    fresh = dict(zip(keys, self._encode(images)))
+    for key, features in fresh.items():
+      self.cache.put(key, features)
+    stats.images_encoded = len(fresh)
+
+    groups = collections.defaultdict(list)
+    for item in items:
+      r = item.request
+      try:
+        if item.key in bad:
+          raise RequestError(r.line, r.id, bad[item.key])
+        if item.features is None:
+          item.features = fresh[item.key]
+        budget = r.budget
+        if budget == AUTO:
+          try:
+            budget = self.policy(r, item.features)
+          except RequestError:
+            raise
+          except (ValueError, TypeError, KeyError) as e:
+            raise RequestError(r.line, r.id, f"the budget policy failed: {type(e).__name__}: {e}") from e
+        item.budget = self.check_budget(r, budget)
+      except RequestError as e:
+        self._fail(results, item.pos, e)
+        continue
+      groups[self._bucket(item.budget)].append(item)
+    for bucket in sorted(groups):
+      self._decode_group(bucket, groups[bucket], results)
+    stats.seconds = time.perf_counter() - start
+    return results
+
+  def answer(self, request: Request) -> dict:
+    """One request's record; RequestError (naming it) instead of an error record."""
+    (record,) = self.serve([request])
+    if "error" in record:
+      raise RequestError(request.line, request.id, record["error"])
+    return record
+
+
+def write_records(path: str, records: Sequence[dict]) -> None:
+  """One JSON object per line (numpy arrays such as ``logits`` are left out)."""
+  with open(path, "w") as f:
+    for record in records:
+      f.write(json.dumps({k: v for k, v in record.items() if not isinstance(v, np.ndarray)}) + "\n")
