@@ -9,7 +9,12 @@ A8). With a single arena, no ``mmap`` for large blocks and no trimming, the free
 stays in the heap and the next step reuses its pages.
 
 This is process-wide and must run before JAX starts its backend (the worker threads attach
-to arenas on their first allocation), so ``train.main`` calls it first. It only pays on the
+to arenas on their first allocation), so ``train.main`` calls it first; a later call sees the
+threads' arenas (``arenas``) and changes nothing. It goes through glibc's own runtime interface
+(``mallopt(3)``, ``malloc_info(3)``), not JAX's internals: the environment variables that set the
+same parameters (``MALLOC_ARENA_MAX``, ``GLIBC_TUNABLES``) are read once at process start, too
+late for a setting in the config. The default is ``system`` (glibc's own behaviour); the
+embedded default sets ``auto``. It only pays on the
 CPU backend; on accelerator hosts the step's buffers live on the device and one arena
 would only serialise the input pipeline's threads, so ``auto`` leaves those alone.
 """
@@ -37,12 +42,30 @@ def _glibc() -> ctypes.CDLL | None:
   if not sys.platform.startswith("linux"):
     return None
   libc = ctypes.CDLL(None)   # the malloc this process already uses, not a library found anew
-  return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+  names = ("gnu_get_libc_version", "mallopt", "malloc_info", "open_memstream")
+  return libc if all(hasattr(libc, name) for name in names) else None
 
 
-def _backends_started() -> bool:
-  from jax._src import xla_bridge  # no public query for "has a backend been created yet"
-  return xla_bridge.backends_are_initialized()
+def arenas(libc: ctypes.CDLL) -> int:
+  """How many malloc arenas the process holds now: the ``<heap>`` entries of glibc's
+  ``malloc_info(3)``. One (the main arena) until threads other than the main one allocate;
+  XLA:CPU's thread pool adds one per worker as the backend starts (16 after one computation on
+  2 cores). JAX has no public query for "has a backend started" (only ``jax._src``), and this is
+  the condition that matters anyway: once threads hold arenas of their own, a one-arena limit
+  no longer gathers them."""
+  libc.open_memstream.restype = ctypes.c_void_p
+  libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+  libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+  libc.fclose.argtypes = libc.free.argtypes = [ctypes.c_void_p]
+  buf, size = ctypes.c_void_p(), ctypes.c_size_t()
+  stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+  if not stream:
+    return 1   # cannot tell: assume nothing has attached yet
+  libc.malloc_info(0, stream)
+  libc.fclose(stream)   # flushes: buf / size now hold the XML
+  text = ctypes.string_at(buf, size.value).decode("ascii", "replace")
+  libc.free(buf)
+  return text.count("<heap nr=")
 
 
 def cpu_only() -> bool:
@@ -56,7 +79,7 @@ def cpu_only() -> bool:
   return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
 
 
-def configure(mode: str = "auto") -> bool:
+def configure(mode: str = "system") -> bool:
   """Applies ``mode`` (``train.host_malloc``) to this process's glibc malloc; returns whether
   it changed anything.
 
@@ -72,9 +95,10 @@ def configure(mode: str = "auto") -> bool:
   if libc is None:
     logging.info("host_malloc=%s: not glibc on Linux; leaving malloc as it is", mode)
     return False
-  if _backends_started():
-    logging.warning("host_malloc=%s: JAX's backend is already running (its threads hold their "
-                    "arenas); set it before the first JAX computation. Leaving malloc as it is.", mode)
+  if arenas(libc) > 1:
+    logging.warning("host_malloc=%s: threads already hold malloc arenas of their own (JAX's backend "
+                    "is running?); set it before the first JAX computation. Leaving malloc as it is.",
+                    mode)
     return False
   ok = all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20)))

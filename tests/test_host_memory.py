@@ -1,5 +1,6 @@
 """host_memory: XLA:CPU's per-execution buffers are reused instead of faulted in afresh."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -49,6 +50,36 @@ def test_reuse_stops_per_execution_page_faults():
   # glibc's default maps the 64 MiB buffer afresh each execution: >= 16 k pages faulted in.
   assert system >= 8_000, system
   assert reuse * 8 < system, (reuse, system)
+
+
+_ARENAS = r"""
+import ctypes
+from parcel_jax import host_memory
+libc = ctypes.CDLL(None)
+before = host_memory.arenas(libc)
+import jax.numpy as jnp
+jnp.ones((256, 256)).sum().block_until_ready()
+print(before, host_memory.arenas(libc), host_memory.configure("reuse"))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_arenas_tell_a_started_backend_without_jax_internals():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", _ARENAS], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  before, after, applied = out.stdout.split()[-3:]
+  # Importing the package (and JAX) leaves the main arena alone; the CPU client's worker
+  # threads each take one; configure() then declines.
+  assert (int(before), applied) == (1, "False") and int(after) > 1, out.stdout
+  imported = set()
+  for node in ast.walk(ast.parse(open(host_memory.__file__).read())):
+    if isinstance(node, ast.Import):
+      imported.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      imported.update(f"{node.module}.{a.name}" for a in node.names)
+  assert imported and not any("_src" in name for name in imported), imported   # public APIs only
 
 
 def test_auto_follows_the_platform():
