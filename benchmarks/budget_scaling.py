@@ -1,6 +1,6 @@
 r"""Train-step and prefill time vs the visual-token budget, next to the FLOP ratios.
 
-    python benchmarks/budget_scaling.py [--budgets=16,64,256] [--repeats=5] [--config.train.batch_size=32 ...]
+    python -m benchmarks.budget_scaling [--budgets=16,64,256] [--repeats=5] [--config.train.batch_size=32 ...]
 
 One process, the embedded default (``configs/base.py``: tiny CPU model, PARCEL connector),
 randomly initialised. For every budget B it times
@@ -28,26 +28,22 @@ bucket, however many budgets share it).
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from parcel_jax import config as config_lib  # noqa
 from parcel_jax import state as state_lib  # noqa
 from parcel_jax import train_step as train_step_lib  # noqa
-from parcel_jax import budgets as budgets_lib  # noqa: E402
-from parcel_jax import evaluation, generation, sharding  # noqa: E402
-from parcel_jax import flops as flops_lib  # noqa: E402
-from parcel_jax.data import pipeline  # noqa: E402
+from parcel_jax import budgets as budgets_lib
+from parcel_jax import evaluation, generation, sharding
+from parcel_jax import flops as flops_lib
+from parcel_jax.data import pipeline
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
 flags.DEFINE_list("budgets", ["16", "64", "256"], "Budgets to time; ratios are to the largest.")

@@ -1,6 +1,6 @@
 """Train-step time of config variants, side by side, as ratios to the first.
 
-    python benchmarks/config_speed.py \
+    python -m benchmarks.config_speed \
         --variant="model.vision.num_heads=4,model.connector.num_heads=4,model.decoder.width=128,model.decoder.mlp_dim=512,model.decoder.num_heads=4,model.decoder.num_kv_heads=2"
 
 Variant 0 is ``--config`` as given; each ``--variant`` is a comma-separated list of
@@ -10,20 +10,16 @@ variant and budget per round), so a shared, noisy machine slows all of them alik
 This is the measurement behind the default's head counts and ViT depth (README, "Status").
 """
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-import jax  # noqa: E402
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
-from parcel_jax import host_memory  # noqa: E402
+from benchmarks import common
+from parcel_jax import host_memory
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config of variant 0.")
 flags.DEFINE_multi_string("variant", [], "Comma-separated dotted.field=value overrides; repeatable.")

@@ -1,6 +1,6 @@
 r"""Evaluation wall time: encode each image once vs re-encode it for every budget.
 
-    python benchmarks/encode_once.py [--budgets=16,32,64,128,256] [--num_examples=256] [--repeats=3]
+    python -m benchmarks.encode_once [--budgets=16,32,64,128,256] [--num_examples=256] [--repeats=3]
 
 One process, one randomly initialised model (``configs/base.py``: the tiny CPU default,
 PARCEL connector), the same eval examples for both modes. Every program is compiled by
@@ -13,17 +13,13 @@ ViT's share of the per-budget work bounds it).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from configs import base  # noqa: E402
-from parcel_jax import evaluation, runs  # noqa: E402
+from configs import base
+from parcel_jax import evaluation, runs
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Train-step time with `train.host_malloc=reuse` vs glibc's defaults, side by side.
 
-    python benchmarks/host_malloc.py [--budgets=16,64,256] [--steps=20] [--rounds=2]
+    python -m benchmarks.host_malloc [--budgets=16,64,256] [--steps=20] [--rounds=2]
 
 The setting is process-wide and must precede JAX's backend, so each mode runs in its own
 child process (this script re-invoked with --child=MODE); the parent alternates the modes
@@ -8,15 +8,12 @@ for --rounds rounds, so drift on a shared machine hits both alike, and prints ea
 median step time, minor page faults and kernel time per step, and the ratio reuse / system.
 """
 
-import os
 import resource
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-import numpy as np  # noqa: E402
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -36,7 +33,7 @@ def time_steps(config, mode: str) -> None:
     raise RuntimeError(f"host_malloc={mode} did not take effect in this process")
   import jax
   import jax.numpy as jnp
-  import common  # noqa: E402  (benchmarks/common.py)
+  from benchmarks import common
   s = common.train_step_setup(config)
   for budget in (int(b) for b in FLAGS.budgets):
     bucket = s.spec.bucket(budget)
@@ -60,8 +57,8 @@ def main(argv):
   results = {mode: [] for mode in MODES}   # mode -> [(budget, ms, faults, sys_ms)]
   for _ in range(FLAGS.rounds):
     for mode in MODES:
-      out = subprocess.run([sys.executable, __file__, f"--child={mode}", *sys.argv[1:]], capture_output=True,
-                           text=True, check=False)
+      out = subprocess.run([sys.executable, "-m", "benchmarks.host_malloc", f"--child={mode}",
+                            *sys.argv[1:]], capture_output=True, text=True, check=False)
       if out.returncode:
         raise RuntimeError(f"child {mode} failed:\n{out.stderr[-3000:]}")
       results[mode] += [tuple(float(x) for x in line.split()[1:]) for line in out.stdout.splitlines()

@@ -1,6 +1,6 @@
 r"""Input pipeline vs train step throughput (examples/s) on the embedded default.
 
-    python benchmarks/input_pipeline.py [--repeats=3] [--batches=32] [--config.data.num_threads=2 ...]
+    python -m benchmarks.input_pipeline [--repeats=3] [--batches=32] [--config.data.num_threads=2 ...]
 
 One process, the config's data, batch size and ``data.num_threads`` (default: synthetic
 64 px visual QA, batch 32, 2 prefetch threads):
@@ -23,23 +23,19 @@ the pipeline must keep far ahead of the step so that training never waits on dat
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
 from parcel_jax import config as config_lib  # noqa
 from parcel_jax import state as state_lib  # noqa
 from parcel_jax import train_step as train_step_lib  # noqa
-from parcel_jax import budgets as budgets_lib  # noqa: E402
-from parcel_jax import sharding  # noqa: E402
-from parcel_jax.data import pipeline  # noqa: E402
+from parcel_jax import budgets as budgets_lib
+from parcel_jax import sharding
+from parcel_jax.data import pipeline
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
 flags.DEFINE_integer("repeats", 3, "Timed rounds.")

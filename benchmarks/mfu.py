@@ -1,6 +1,6 @@
 """MFU of the embedded default's train step on the local CPU.
 
-    python benchmarks/mfu.py [--config.train.batch_size=64 ...]
+    python -m benchmarks.mfu [--config.train.batch_size=64 ...]
 
 Achieved FLOP/s of the jitted train step (XLA's FLOP count of each compiled bucket
 program, steps weighted by how often the sampler visits each bucket) over the FLOP/s
@@ -8,13 +8,9 @@ of a large jitted float32 matmul, both measured in this process, interleaved, so
 shared, noisy machine affects both alike. Prints the ratio.
 """
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-import jax  # noqa: E402
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -23,7 +19,7 @@ from ml_collections import config_flags
 from parcel_jax import budgets as budgets_lib
 from parcel_jax import flops as flops_lib
 
-import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
+from benchmarks import common
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per bucket.")

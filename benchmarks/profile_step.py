@@ -1,6 +1,6 @@
 """Where the embedded default's train step spends its time, by XLA fusion kind.
 
-    python benchmarks/profile_step.py [--budget=256] [--steps=3] [--top=15]
+    python -m benchmarks.profile_step [--budget=256] [--steps=3] [--top=15]
 
 Traces a few steps of one bucket's compiled train step with ``jax.profiler`` and sums
 the device-op durations by fusion kind (the op name without its numeric suffix):
@@ -16,19 +16,16 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-import jax  # noqa: E402
+import jax
 import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 
-import common  # noqa: E402  (benchmarks/common.py: the script's own folder is on sys.path)
+from benchmarks import common
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to profile.")
 flags.DEFINE_integer("budget", 256, "Visual-token budget (selects the bucket).")

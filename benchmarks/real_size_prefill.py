@@ -1,7 +1,7 @@
 r"""Real-size compact prefill on CPU: PaliGemma-2 3B + PARCEL at B = 16 / 64 / 256, and
 transformers' PaliGemma-2 3B at its fixed 256 image tokens.
 
-    python benchmarks/real_size_prefill.py [--repeats=3] [--dtype=bfloat16|float32] [--torch_dtype=auto|bfloat16|float32]
+    python -m benchmarks.real_size_prefill [--repeats=3] [--dtype=bfloat16|float32] [--torch_dtype=auto|bfloat16|float32]
 
 (the full-size run needs ~18 GiB of free memory, see "Memory", and takes on the order of 30
 minutes on 2 cores; the size flags ``--vision_width --vision_depth --vision_mlp --vision_heads
@@ -77,10 +77,8 @@ import gc
 import os
 import resource
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -1,6 +1,6 @@
 r"""Forward pass and greedy generation: ours (JAX) vs transformers' PaliGemma (PyTorch CPU).
 
-    python benchmarks/vs_transformers.py [--text=gemma|gemma2] [--batch=4] [--new_tokens=16] [--repeats=5]
+    python -m benchmarks.vs_transformers [--text=gemma|gemma2] [--batch=4] [--new_tokens=16] [--repeats=5]
 
 One small PaliGemma configuration, built in transformers (``PaliGemmaForConditionalGeneration``,
 float32, the attention implementation transformers picks by default: SDPA for SigLIP and
@@ -37,11 +37,9 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

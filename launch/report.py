@@ -1,6 +1,6 @@
 r"""Summarises a sweep: exact match per variant, budget and task family, over seeds.
 
-    python launch/report.py --root=workdirs/sweep --out=docs/sweep_report \
+    python -m launch.report --root=workdirs/sweep --out=docs/sweep_report \
         [--reference=method=none]
 
 finds every run under ROOT, i.e. every directory holding the ``eval.json`` that
@@ -36,16 +36,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-import ml_collections  # noqa: E402
-
-from parcel_jax import budgets as budgets_lib  # noqa: E402
-from parcel_jax import evaluation as evaluate_lib  # noqa: E402
-from parcel_jax import runs as runs_lib  # noqa: E402
-from parcel_jax.data import synthetic  # noqa: E402
+from parcel_jax import budgets as budgets_lib
+from parcel_jax import evaluation as evaluate_lib
+from parcel_jax import runs as runs_lib
+from parcel_jax.data import synthetic
 
 DONE_FILE = "eval.json"  # as launch/sweep.py: written by train when a run ends
 SEED_KEY = "seed"

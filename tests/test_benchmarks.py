@@ -18,8 +18,8 @@ TINY = {"data.num_threads": 2}
 
 def run_benchmark(script: str, *args: str, timeout: int = 240) -> str:
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-  out = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+  out = subprocess.run([sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", *args],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   return out.stdout
 
@@ -105,7 +105,7 @@ def test_config_speed():
 
 def test_config_speed_rejects_unknown_field():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, os.path.join("benchmarks", "config_speed.py"),
+  out = subprocess.run([sys.executable, "-m", "benchmarks.config_speed",
                         "--variant=model.vision.heads=1"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "model.vision.heads" in out.stderr, out.stderr[-2000:]
@@ -113,7 +113,7 @@ def test_config_speed_rejects_unknown_field():
 
 def test_config_speed_variant_overrides_apply():
   # The override parser must not depend on what is on the process's command line.
-  code = ("import sys; sys.path.insert(0, 'benchmarks'); import config_speed as cs; "
+  code = ("from benchmarks import config_speed as cs; "
           "from configs import base; b = base.get_config(); "
           "c = cs.with_overrides(b, 'model.vision.num_heads=4, optim.lr=3e-3,"
           "model.connector.method=m3'); "
