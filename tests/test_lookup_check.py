@@ -1,11 +1,11 @@
-"""parcel_jax.lookup_check: its batches ask about a glyph that is where the question says, the
+"""analysis.lookup_check: its batches ask about a glyph that is where the question says, the
 default decoder learns the lookup from clean anchors, and learns nothing without them."""
 
 import numpy as np
 import pytest
 
 from configs import base
-from parcel_jax import lookup_check as lc
+from analysis import lookup_check as lc
 
 
 def test_batches_ask_about_the_glyph_in_the_named_cell():
@@ -22,6 +22,7 @@ def test_batches_ask_about_the_glyph_in_the_named_cell():
     assert t[0] == 1 and t[lc.PREFIX - 1] == 2 and t[-1] == 3
 
 
+@pytest.mark.slow   # trains 300 steps to an accuracy band: an experiment, not a framework check
 @pytest.mark.parametrize("own_scale, bag_scale, floor, ceiling", [(1.0, 0.0, 0.9, 1.0),
                                                                   (0.0, 1.0, 0.0, 0.5)])
 def test_default_decoder_learns_the_lookup_only_from_the_cell_itself(own_scale, bag_scale, floor,
@@ -50,6 +51,7 @@ def test_relation_batches_name_the_subject_first():
     assert t[0] == 1 and t[lc.RELATION_PREFIX - 1] == 2 and t[-1] == 3
 
 
+@pytest.mark.slow   # trains 400 steps to an accuracy band
 @pytest.mark.parametrize("shift, floor, ceiling", [(3, 0.9, 1.0), (0, 0.0, 0.6)])
 def test_relation_binding_needs_the_prompt_token_shift(shift, floor, ceiling):
   # With one ViT block over clean slot anchors, the default decoder (2 layers) tells the subject

@@ -1,4 +1,4 @@
-"""Decoder attention maps and the answer-attention probe (parcel_jax/probe.py)."""
+"""Decoder attention maps and the answer-attention probe (analysis/probe.py)."""
 
 import dataclasses
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from parcel_jax import probe, runs
+from analysis import probe
+from parcel_jax import runs
 from parcel_jax.data import synthetic
 from parcel_jax.models import gemma
 from tests.conftest import run_cli
@@ -56,7 +57,7 @@ def test_asked_items_are_what_the_answer_is_about():
       assert [it.label for it in asked] == [ex.answer]
     else:
       assert asked[0].label == ex.question.split()[3]  # where is the <subject> square ...
-  assert seen == set(synthetic.FAMILIES)
+  assert seen == set(synthetic.DEFAULT_FAMILIES)   # the eval stream's default mixture
 
 
 def test_probe_partitions_the_answer_attention(tiny_workdir):
@@ -75,7 +76,7 @@ def test_probe_partitions_the_answer_attention(tiny_workdir):
 
 
 def test_probe_cli(tiny_workdir):
-  out = run_cli("parcel_jax.probe", f"--workdir={tiny_workdir}", "--family=mixed", "--num_examples=4")
+  out = run_cli("analysis.probe", f"--workdir={tiny_workdir}", "--family=mixed", "--num_examples=4")
   assert out.returncode == 0, out.stderr
   assert "family mixed" in out.stdout and "background" in out.stdout
   rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]

@@ -1,6 +1,6 @@
 r"""Where the answer looks: decoder attention of the answer position over the visual tokens.
 
-    python -m parcel_jax.probe --workdir=RUN [--family=grounding] [--budget=64] [--num_examples=64]
+    python -m analysis.probe --workdir=RUN [--family=grounding] [--budget=64] [--num_examples=64]
 
 For a run on the synthetic task. At a pure-pooling budget with an 8x8 anchor grid (B = 64 for
 ``parcel`` and ``m3``) every anchor covers exactly one object slot, so each visual token is one

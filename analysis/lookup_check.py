@@ -1,6 +1,6 @@
 """Can the configured decoder learn mixed's lookup, or relation's binding, from clean tokens?
 
-    python -m parcel_jax.lookup_check --config=configs/base.py [--bag_scale=1 --own_scale=0.1]
+    python -m analysis.lookup_check --config=configs/base.py [--bag_scale=1 --own_scale=0.1]
 
 Isolates the decoder (``config.model.decoder``, optimiser settings from ``config.optim``) from the
 vision tower: the 16 "anchors" of a 4x4 grid are a learned embedding of what the cell holds (one
@@ -35,18 +35,6 @@ from ml_collections import config_flags
 from parcel_jax import host_memory, optim
 from parcel_jax.data import synthetic
 from parcel_jax.models import gemma, layers, vit, vlm
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Decoder and optimiser settings.")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Training steps.")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Evaluate every this many steps.")
-_POSITION_CODE = flags.DEFINE_enum("position_code", "sincos", ["sincos", "none"],
-                                   "Cell code added to the anchors (none: RoPE order only).")
-_OWN_SCALE = flags.DEFINE_float("own_scale", 1.0, "Weight of a cell's own glyph embedding.")
-_BAG_SCALE = flags.DEFINE_float("bag_scale", 0.0, "Weight of the image's mean glyph embedding.")
-_SEED = flags.DEFINE_integer("seed", 0, "Parameters and training data.")
-_FAMILY = flags.DEFINE_enum("family", "mixed", ["mixed", "relation"], "Which question to learn.")
-_CONTEXT_BLOCKS = flags.DEFINE_integer("context_blocks", 0,
-                                       "ViT blocks over the anchors before the decoder.")
 
 NUM_CELLS = synthetic.CELLS * synthetic.CELLS
 GLYPHS = tuple(synthetic.GLYPHS)
@@ -203,11 +191,26 @@ def run(config, *, steps: int, log_every: int, position_code: str, own_scale: fl
 
 def main(argv):
   del argv
-  host_memory.configure(_CONFIG.value.train.host_malloc)  # before JAX's backend starts
-  run(_CONFIG.value, steps=_STEPS.value, log_every=_LOG_EVERY.value,
-      position_code=_POSITION_CODE.value, own_scale=_OWN_SCALE.value, bag_scale=_BAG_SCALE.value,
-      seed=_SEED.value, family=_FAMILY.value, context_blocks=_CONTEXT_BLOCKS.value)
+  f = flags.FLAGS
+  host_memory.configure(f.config.train.host_malloc)  # before JAX's backend starts
+  run(f.config, steps=f.steps, log_every=f.log_every, position_code=f.position_code,
+      own_scale=f.own_scale, bag_scale=f.bag_scale, seed=f.seed, family=f.family,
+      context_blocks=f.context_blocks)
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file("config", "configs/base.py", "Decoder and optimiser settings.")
+  flags.DEFINE_integer("steps", 1000, "Training steps.")
+  flags.DEFINE_integer("log_every", 100, "Evaluate every this many steps.")
+  flags.DEFINE_enum("position_code", "sincos", ["sincos", "none"],
+                    "Cell code added to the anchors (none: RoPE order only).")
+  flags.DEFINE_float("own_scale", 1.0, "Weight of a cell's own glyph embedding.")
+  flags.DEFINE_float("bag_scale", 0.0, "Weight of the image's mean glyph embedding.")
+  flags.DEFINE_integer("seed", 0, "Parameters and training data.")
+  flags.DEFINE_enum("family", "mixed", ["mixed", "relation"], "Which question to learn.")
+  flags.DEFINE_integer("context_blocks", 0, "ViT blocks over the anchors before the decoder.")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
