@@ -1,6 +1,8 @@
 """Prediction: KV-cache greedy decoding equals recomputing the whole sequence; the CLI."""
 
 import functools
+import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +187,32 @@ def test_cli(tiny_workdir, tmp_path):
   vocab = set(synthetic.vocabulary()) | {"<sep>", "<unk>"}
   for line in lines:
     assert set(line.split(":", 1)[1].split()) <= vocab
+
+
+def test_cli_batch_requests(tiny_workdir, tmp_path):
+  """--requests: mixed budgets and a repeated image in one file; a bad line is an error record
+  naming it, every other request is answered, in order."""
+  for i in (3, 4):
+    example = synthetic.generate("eval", i)
+    pixels = np.round((example.image + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / f"e{i}.png")
+  q = synthetic.generate("eval", 3).question
+  lines = [{"id": "a", "image": "e3.png", "question": q, "budget": 16},
+           {"id": "b", "image": "e3.png", "question": q, "budget": 24},
+           {"id": "c", "image": "e4.png", "question": "how many red squares", "budget": "auto"},
+           {"id": "d", "image": "e4.png", "question": q, "budget": 25}]
+  (tmp_path / "req.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  out = tmp_path / "answers.jsonl"
+  proc = run_cli("parcel_jax.predict", f"--workdir={tiny_workdir}", f"--requests={tmp_path / 'req.jsonl'}",
+                 f"--out={out}", "--batch_size=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["id"] for r in records] == ["a", "b", "c", "d"]
+  assert [r.get("budget") for r in records[:3]] == [16, 24, 16]       # auto: the smallest trained budget
+  assert [r["cached"] for r in records[:3]] == [False, True, False]
+  assert "budget 25 is not valid" in records[3]["error"] and records[3]["line"] == 4
+  assert "skipped request line 4 (id 'd')" in proc.stdout
+  assert re.search(r"4 requests \(3 answered, 1 errors\) .* requests/s, .* visual tokens/s; "
+                   r"image cache 1 hits, 2 encoded", proc.stdout), proc.stdout
+  vocab = set(synthetic.vocabulary()) | {"<sep>", "<unk>"}
+  assert all(set(r["answer"].split()) <= vocab for r in records[:3])

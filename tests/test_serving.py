@@ -3,6 +3,7 @@ and per-example scores (agreement with evaluate, the oracle, the fixed-budget cu
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,8 +16,8 @@ from PIL import Image
 from parcel_jax import config as config_lib
 from parcel_jax import evaluation, generation, runs, scores, serving, sharding
 from parcel_jax import state as state_lib
-from parcel_jax.data import synthetic
-from tests.conftest import REPO, tiny_config
+from parcel_jax.data import pipeline, synthetic
+from tests.conftest import REPO, run_cli, tiny_config
 from tests.util import assert_rel_close
 
 # Two buckets of the method's space at grid 16: 4x4+46q (24, 40) and 8x8+64q (66, 100).
@@ -246,7 +247,6 @@ def test_per_example_scores_agree_with_evaluate(random_run):
   per = result["per_example"]
   assert per["correct"].shape == per["answer_prob"].shape == (32, 2)
   np.testing.assert_array_equal(per["index"], np.arange(32))
-  from parcel_jax.data import pipeline
   batch = next(iter(pipeline.build_eval_dataset(run.config.data, batch_size=32, num_examples=32)))
   np.testing.assert_array_equal(per["family"], batch["family"])
   for j, b in enumerate(budgets):
@@ -272,3 +272,36 @@ def test_per_example_scores_agree_with_evaluate(random_run):
     np.testing.assert_allclose(per["min_token_prob"][:, j], np.exp(np.where(mask, target, 0).min(1)), rtol=1e-4)
     hit = np.all((logits.argmax(-1) == batch["targets"]) | ~mask, axis=1)
     np.testing.assert_array_equal(per["correct"][:, j], hit)
+
+
+def test_evaluate_cli_writes_per_example_scores(tiny_workdir, tmp_path):
+  out = tmp_path / "eval"
+  proc = run_cli("parcel_jax.evaluate", f"--workdir={tiny_workdir}", "--budgets=16,24", "--num_examples=32",
+                 f"--out={out}", "--per_example")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "budgets.json") as f:
+    (run,) = json.load(f)["runs"]
+  assert run["per_example_file"] == "per_example_0.npz" and "per_example" not in run
+  table = scores.load(str(out / run["per_example_file"]))
+  assert table["budgets"].tolist() == [16, 24] and table["correct"].shape == (32, 2)
+  assert table["method"] == "parcel" and table["step"] == "3"
+  for j, b in enumerate(("16", "24")):
+    assert table["correct"][:, j].mean() == pytest.approx(run["budgets"][b]["score"]["overall"])
+    assert table["flops"][j] == run["budgets"][b]["flops"]["total"]
+  assert np.all((0 < table["answer_prob"]) & (table["answer_prob"] <= table["min_token_prob"] + 1e-12))
+  assert "oracle" in proc.stdout and "per_example_0.npz" in proc.stdout
+
+
+def test_mixed_budget_benchmark_runs():
+  """benchmarks/mixed_budget.py end to end at tiny sizes: both modes answer alike."""
+  tiny = ["--config.model.vision.width=32", "--config.model.vision.depth=1",
+          "--config.model.decoder.width=32", "--config.model.decoder.depth=1"]
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.mixed_budget", "--requests=6", "--images=3",
+                         "--budgets=24,40", "--batch_size=4", "--repeats=1", *tiny], cwd=REPO,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "answers equal in both modes: 6/6" in proc.stdout, proc.stdout
+  assert re.search(r"ratio \(per-budget / mixed time\): warm [0-9.]+x, cold [0-9.]+x", proc.stdout)
+  # 24 and 40 share the bucket 4x4+46q: one program mixed, two one budget at a time.
+  assert re.search(r"mixed .* 1 decode programs", proc.stdout) and re.search(r"per-budget .* 2 decode programs",
+                                                                                proc.stdout)
