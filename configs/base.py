@@ -14,6 +14,14 @@ task on CPU in minutes. Baselines and ablations are overrides, not copies:
 Every field is read somewhere; `parcel_jax.config.validate_config` checks them
 before anything is compiled. 0 means "off"/"automatic" where a comment says so
 (ml_collections cannot override fields that default to None).
+
+Model sizes are named presets: `model.vision.variant` (models/vit.py PRESETS) and
+`model.decoder.variant` (models/gemma.py PRESETS) fill the size fields left at 0; a size set
+here or on the command line wins over the preset (`--config.model.vision.variant=so400m_14
+--config.model.vision.image_size=448`), and variant "" means no preset. The sizes read back
+once `validate_config` (or `models.vlm.apply_presets(config.model)`) has filled them. Where
+this file departs from SigLIP / Gemma-2 as the paper uses them (the schema's defaults), it is
+for the from-scratch CPU task, and the comment says so.
 """
 
 import ml_collections
@@ -29,18 +37,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"       # compute dtype: float32 | bfloat16 (parameters stay float32)
 
   c.model.vision = ml_collections.ConfigDict()      # SigLIP-style ViT (models/vit.py)
-  c.model.vision.variant = "tiny"  # label only: the fields below are what is built
-  c.model.vision.image_size = 64   # pixels; image_size / patch_size = feature grid (16)
-  c.model.vision.patch_size = 4
-  c.model.vision.width = 64
-  c.model.vision.depth = 1         # one block: 0.7-0.85x the step time of two, and no slower to
-                                   # learn positions
-  c.model.vision.mlp_dim = 256
-  c.model.vision.num_heads = 2     # few, wide heads: at widths this small the per-head attention
-                                   # maps (masks, softmax, layout copies) cost more than the matmuls
+  c.model.vision.variant = "tiny"  # size preset (models/vit.py PRESETS: tiny | so400m_14): fills the
+                                   # six size fields below that are 0; a non-zero one overrides it;
+                                   # "" = no preset (set all six). tiny: 64 px, patch 4, width 64,
+                                   # 1 block, mlp 256, 2 heads (its reasons are in PRESETS)
+  c.model.vision.image_size = 0    # pixels; image_size / patch_size = feature grid (tiny: 16)
+  c.model.vision.patch_size = 0
+  c.model.vision.width = 0
+  c.model.vision.depth = 0
+  c.model.vision.mlp_dim = 0
+  c.model.vision.num_heads = 0
   c.model.vision.posemb = "sincos2d"  # learn | sincos2d (fixed codes: position is readable from step 0)
-  c.model.vision.center_input = True  # subtract each image's mean colour (a from-scratch ViT otherwise
-                                   # spends hundreds of steps learning to ignore the background cast)
+  c.model.vision.center_input = True  # not SigLIP (default off): subtract each image's mean colour (a
+                                   # from-scratch ViT otherwise spends hundreds of steps learning to
+                                   # ignore the background cast)
   c.model.vision.attn_window = 0   # > 0: blocks attend only within windows of this many patches
                                    # per side (local attention); 0 = global. 2 lets the mixed family
                                    # leave its prior when trained alone but slows the others
@@ -65,14 +75,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.connector.query_bucket = 64         # query slots per compiled bucket (fewer programs vs padding)
 
   c.model.decoder = ml_collections.ConfigDict()     # Gemma-style prefix-LM (models/gemma.py)
-  c.model.decoder.variant = "tiny"
-  c.model.decoder.vocab_size = 0   # 0: the data's tokenizer decides
-  c.model.decoder.width = 64
-  c.model.decoder.depth = 2
-  c.model.decoder.mlp_dim = 256
-  c.model.decoder.num_heads = 2
-  c.model.decoder.num_kv_heads = 1  # grouped-query attention (num_heads / num_kv_heads query heads per KV head)
-  c.model.decoder.head_dim = 32
+  c.model.decoder.variant = "tiny"  # size preset (models/gemma.py PRESETS: tiny | gemma2_2b): fills the
+                                   # seven size fields below that are 0; a non-zero one overrides it;
+                                   # "" = no preset. tiny: width 64, 2 layers, mlp 256, 2 heads, 1 KV
+                                   # head, head_dim 32, no vocabulary
+  c.model.decoder.vocab_size = 0   # 0: the preset's, else the data's tokenizer decides
+  c.model.decoder.width = 0
+  c.model.decoder.depth = 0
+  c.model.decoder.mlp_dim = 0
+  c.model.decoder.num_heads = 0
+  c.model.decoder.num_kv_heads = 0  # grouped-query attention (num_heads / num_kv_heads query heads per KV head)
+  c.model.decoder.head_dim = 0
   c.model.decoder.post_norms = True     # Gemma-2 post-attention / post-MLP norms
   c.model.decoder.attn_softcap = 50.0   # Gemma-2 attention-logit soft-cap; 0 = off
   c.model.decoder.final_softcap = 30.0  # Gemma-2 final-logit soft-cap; 0 = off
@@ -80,9 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.decoder.local_global = False  # alternate local / global layers (needs sliding_window)
   c.model.decoder.query_scale = 0.0     # 0: head_dim ** -0.5
   c.model.decoder.rope_base = 10_000.0
-  c.model.decoder.prefix_token_shift = 3  # not Gemma: each prompt token's embedding also gets a learned
-                                   # mix of the 3 before it, so "red" in "is the red" differs from
-                                   # "to the red" (relation's subject vs reference); 0 = off
+  c.model.decoder.prefix_token_shift = 3  # not Gemma (default 0 = off): each prompt token's embedding
+                                   # also gets a learned mix of the 3 before it, so "red" in "is the
+                                   # red" differs from "to the red" (relation's subject vs reference)
   c.model.decoder.scan = False
   c.model.decoder.remat = "none"
 
@@ -92,10 +105,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget.distribution = "log_uniform"  # uniform | log_uniform over the method's budget space;
                                     # log-uniform draws half its steps at B <= 64 (a third of
                                     # B = 256's cost): more steps in the same time
-  c.budget.ramp_fraction = 0.5      # curriculum: over this fraction of train.num_steps the largest
-                                    # open budget rises geometrically from the smallest to the largest;
-                                    # 0 = every budget from step 0. Few tokens first: the decoder learns
-                                    # to find objects among 16-64 tokens far sooner than among 256
+  c.budget.ramp_fraction = 0.5      # CPU task (the paper, and unset: 0 = every budget from step 0):
+                                    # over this fraction of train.num_steps the largest open budget
+                                    # rises geometrically from the smallest to the largest. Few tokens
+                                    # first: the decoder learns to find objects among 16-64 tokens far
+                                    # sooner than among 256
 
   # ----------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()              # parcel_jax/data/
@@ -104,8 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.train_size = 1_000_000      # distinct procedurally generated training examples
   c.data.eval_size = 1024            # eval examples (a separate stream)
   c.data.families = ()               # () = all task families
-  # Training mixture over data.families (unnamed families weigh 1; all equal = uniform): more of
-  # the slow spatial families, less of detail (learned first). The eval stream stays uniform.
+  # Training mixture over data.families (unnamed families weigh 1; all equal, or unset = uniform,
+  # the default): for the CPU task more of the slow spatial families, less of detail (learned
+  # first). The eval stream stays uniform.
   c.data.family_weights = ml_collections.ConfigDict(
       dict(grounding=3.0, relation=2.0, detail=1.0, counting=2.0, mixed=2.0))
   c.data.max_text_len = 16           # prefix + suffix tokens, padded
@@ -128,7 +143,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
-  c.train.num_steps = 5800          # README command 1 in ~13 min on a 2-core CPU (759 s, pip included)
+  c.train.num_steps = 5800          # the CPU task's length: README command 1 in ~13 min on a 2-core
+                                    # CPU (759 s, pip included)
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
@@ -137,9 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.on_nonfinite = "skip"      # skip (no update, counted) | stop
   c.train.stop_at = 0                # end this process after this step (checkpointed; the
                                      # schedule still spans num_steps); 0 = run to num_steps
-  c.train.host_malloc = "auto"       # auto | reuse | system: "reuse" keeps XLA:CPU's per-step buffers
-                                     # mapped between steps (0.61-0.68x the CPU step time; parcel_jax/
-                                     # host_memory.py); auto = reuse when JAX runs on CPU only
+  c.train.host_malloc = "auto"       # CPU task: auto | reuse | system (host_memory's default): "reuse"
+                                     # keeps XLA:CPU's per-step buffers mapped between steps (0.61-0.68x
+                                     # the CPU step time; parcel_jax/host_memory.py); auto = reuse when
+                                     # JAX runs on CPU only
   c.train.compilation_cache_dir = ""  # JAX persistent compilation cache directory (reused across
                                      # runs and restarts); "" = off
 

@@ -20,11 +20,18 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
                     ) -> tuple[vlm.ModelConfig, budgets_lib.BudgetSpec]:
   """Checks the config before anything is compiled; errors name the field.
 
-  Fills ``model.decoder.vocab_size`` from the data's tokenizer when it is 0.
-  ``check_data=False`` (compile-only tools) neither opens the data's tokenizer nor checks
-  the data fields; ``model.decoder.vocab_size`` must then be set.
+  Fills, in place, the model sizes left at 0 from the presets ``model.vision.variant`` /
+  ``model.decoder.variant`` name (``vlm.preset_sizes``), then ``model.decoder.vocab_size`` from
+  the data's tokenizer when it is still 0. ``check_data=False`` (compile-only tools) neither
+  opens the data's tokenizer nor checks the data fields; the vocabulary must then come from the
+  config or its preset.
   """
+  vlm.apply_presets(config.model)
   v = config.model.vision
+  if "image_size" in config.data and not config.data.image_size:
+    # base.py's data.image_size follows the vision's by reference; a copy that resolved the
+    # reference before the preset filled the vision's size holds 0: it means the same.
+    config.data.image_size = v.image_size
   if v.image_size % v.patch_size:
     raise ValueError(f"model.vision.image_size={v.image_size} is not divisible by "
                      f"model.vision.patch_size={v.patch_size}")
@@ -40,8 +47,8 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
       raise ValueError(f"model.decoder.vocab_size={config.model.decoder.vocab_size} is smaller than "
                        f"the tokenizer's vocabulary ({vocab})")
   elif config.model.decoder.vocab_size < 1:
-    raise ValueError("model.decoder.vocab_size must be set (> 0) when the data's tokenizer is not "
-                     "read (compile-only tools)")
+    raise ValueError("model.decoder.vocab_size must be set (> 0, or by model.decoder.variant's "
+                     "preset) when the data's tokenizer is not read (compile-only tools)")
   grid = v.image_size // v.patch_size
   spec = budgets_lib.BudgetSpec.from_config(config.model.connector, grid)
   for field, value, allowed in (("budget.sampling", config.budget.sampling, budgets_lib.SAMPLING_MODES),

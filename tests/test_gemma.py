@@ -11,9 +11,16 @@ from flax import nnx
 
 from parcel_jax.models import gemma, layers
 
-GEMMA2_TINY = gemma.decoder_config("tiny")
-GEMMA1_TINY = gemma.decoder_config("tiny", post_norms=False, attn_softcap=None, final_softcap=None,
-                                   local_global=False, sliding_window=None, num_kv_heads=1)
+# Wider than the embedded default's ``tiny`` (grouped-query attention with 2 KV heads) and with a
+# window shorter than the test sequences, so the Gemma-2 switches all matter.
+GEMMA2_TINY = gemma.decoder_config("tiny", vocab_size=128, width=128, mlp_dim=512, num_heads=4,
+                                   num_kv_heads=2, sliding_window=64)
+GEMMA1_TINY = dataclasses.replace(GEMMA2_TINY, post_norms=False, attn_softcap=None, final_softcap=None,
+                                  local_global=False, sliding_window=None, num_kv_heads=1)
+# Gemma-1 2B as in PaliGemma-1 (multi-query attention, none of the Gemma-2 switches).
+GEMMA1_2B = gemma.DecoderConfig(vocab_size=257_216, width=2048, depth=18, mlp_dim=16_384, num_heads=8,
+                                num_kv_heads=1, head_dim=256, post_norms=False, attn_softcap=None,
+                                final_softcap=None, sliding_window=None, local_global=False)
 
 
 def fresh_rng():
@@ -52,7 +59,8 @@ def gemma_param_count(cfg: gemma.DecoderConfig) -> int:
     ("gemma_2b", False, 2_508_662_784),
 ])
 def test_param_count_without_allocating(variant, scan, expected):
-  cfg = gemma.decoder_config(variant, scan=scan)
+  cfg = (gemma.decoder_config(variant, scan=scan) if variant in gemma.PRESETS
+         else dataclasses.replace(GEMMA1_2B, scan=scan))
   model = nnx.eval_shape(lambda: gemma.Decoder(cfg, rngs=nnx.Rngs(0)))
   count = layers.num_params(nnx.state(model, nnx.Param))
   print(f"{variant} decoder (scan={scan}): {count:,} parameters")
@@ -73,12 +81,12 @@ def test_param_count_without_allocating(variant, scan, expected):
 ])
 def test_config_validation(overrides, field):
   with pytest.raises(ValueError, match=field):
-    gemma.decoder_config("tiny", **overrides)
+    dataclasses.replace(GEMMA2_TINY, **overrides)
 
 
 def test_zero_means_off():
-  cfg = gemma.decoder_config("tiny", attn_softcap=0.0, final_softcap=0, query_scale=0.0,
-                             sliding_window=0, local_global=False)
+  cfg = dataclasses.replace(GEMMA2_TINY, attn_softcap=0.0, final_softcap=0, query_scale=0.0,
+                            sliding_window=0, local_global=False)
   assert (cfg.attn_softcap, cfg.final_softcap, cfg.query_scale, cfg.sliding_window) == (None,) * 4
   assert [GEMMA2_TINY.is_local(i) for i in range(4)] == [True, False, True, False]
 

@@ -22,6 +22,11 @@ def assert_rel_close(actual, desired, tol=1e-5):
   assert err <= tol * scale, f"max abs err {err:.3g} > {tol} x max |ref| {scale:.3g}"
 
 
+def tiny(**overrides) -> vit.ViTConfig:
+  """The ``tiny`` preset with two blocks of four heads (so depth and heads both matter)."""
+  return vit.vit_config("tiny", **{"depth": 2, "num_heads": 4, **overrides})
+
+
 def _params(model):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
@@ -42,7 +47,7 @@ def siglip_param_count(cfg: vit.ViTConfig) -> int:
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_so400m_param_count(scan):
-  cfg = vit.vit_config("So400m/14", scan=scan)
+  cfg = vit.vit_config("so400m_14", scan=scan)
   model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
   count = layers.num_params(nnx.state(model, nnx.Param))
   print(f"SigLIP So400m/14 @224 vision tower: {count:,} parameters")
@@ -52,7 +57,7 @@ def test_so400m_param_count(scan):
 
 @pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
 def test_shapes_and_finite(posemb):
-  cfg = vit.vit_config("tiny", posemb=posemb)
+  cfg = tiny(posemb=posemb)
   model = vit.ViT(cfg, rngs=nnx.Rngs(0))
   images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-1, maxval=1)
   out = _apply(model, images)
@@ -69,16 +74,16 @@ def test_center_input_ignores_a_per_image_colour_cast():
   rng = np.random.default_rng()
   images = jnp.asarray(rng.uniform(-0.5, 0.5, (3, 64, 64, 3)), jnp.float32)
   cast = jnp.asarray(rng.uniform(-0.4, 0.4, (3, 1, 1, 3)), jnp.float32)  # one colour per image
-  centred = vit.ViT(vit.vit_config("tiny", center_input=True), rngs=nnx.Rngs(0))
+  centred = vit.ViT(tiny(center_input=True), rngs=nnx.Rngs(0))
   assert_rel_close(_apply(centred, images + cast), _apply(centred, images), tol=1e-5)
   # Off (pretrained SigLIP's raw pixels): the cast changes the features.
-  raw = vit.ViT(vit.vit_config("tiny", center_input=False), rngs=nnx.Rngs(0))
+  raw = vit.ViT(tiny(center_input=False), rngs=nnx.Rngs(0))
   diff = jnp.max(jnp.abs(_apply(raw, images + cast) - _apply(raw, images)))
   assert diff > 1e-2
 
 
 def test_bad_image_shape_names_expected_shape():
-  model = vit.ViT(vit.vit_config("tiny"), rngs=nnx.Rngs(0))
+  model = vit.ViT(tiny(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"\(batch, 64, 64, 3\)"):
     model(jnp.zeros((1, 32, 32, 3)))
 
@@ -96,7 +101,7 @@ def test_bad_image_shape_names_expected_shape():
 ])
 def test_config_validation(overrides, field):
   with pytest.raises(ValueError, match=field):
-    vit.vit_config("tiny", **overrides)
+    tiny(**overrides)
 
 
 def _window_masked_features(model: vit.ViT, images, window: int, num_local: int):
@@ -115,7 +120,7 @@ def _window_masked_features(model: vit.ViT, images, window: int, num_local: int)
 
 @pytest.mark.parametrize("window", [2, 4])
 def test_attn_window_is_block_diagonal_attention(window):
-  cfg = vit.vit_config("tiny", posemb="sincos2d", depth=2, attn_window=window)
+  cfg = tiny(posemb="sincos2d", depth=2, attn_window=window)
   model = vit.ViT(cfg, rngs=nnx.Rngs(5))
   images = jax.random.uniform(jax.random.key(6), (2, 64, 64, 3), minval=-1, maxval=1)
   out = _apply(model, images)
@@ -137,8 +142,7 @@ def test_attn_window_is_block_diagonal_attention(window):
 
 @pytest.mark.parametrize("depth, global_blocks", [(2, 1), (3, 2), (3, 3)])
 def test_global_blocks_follow_the_local_ones(depth, global_blocks):
-  cfg = vit.vit_config("tiny", posemb="sincos2d", depth=depth, attn_window=2,
-                       global_blocks=global_blocks)
+  cfg = tiny(posemb="sincos2d", depth=depth, attn_window=2, global_blocks=global_blocks)
   model = vit.ViT(cfg, rngs=nnx.Rngs(7))
   images = jax.random.uniform(jax.random.key(8), (2, 64, 64, 3), minval=-1, maxval=1)
   expected = _window_masked_features(model, images, 2, num_local=depth - global_blocks)
@@ -146,7 +150,7 @@ def test_global_blocks_follow_the_local_ones(depth, global_blocks):
 
 
 def test_patch_embedding_is_strided_conv():
-  cfg = vit.vit_config("tiny", posemb="sincos2d")
+  cfg = tiny(posemb="sincos2d")
   model = vit.ViT(cfg, rngs=nnx.Rngs(3))
   images = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
   got = model.embed_patches(images) - layers.sincos_2d(cfg.grid_size, cfg.width)
@@ -158,7 +162,7 @@ def test_patch_embedding_is_strided_conv():
 
 @pytest.mark.parametrize("attn_window", [0, 2])
 def test_scan_and_remat_match_unrolled(attn_window):
-  base_cfg = vit.vit_config("tiny", depth=3, image_size=32, attn_window=attn_window)
+  base_cfg = tiny(depth=3, image_size=32, attn_window=attn_window)
   base = vit.ViT(base_cfg, rngs=nnx.Rngs(0))
   ref_params = _params(base)
   images = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
@@ -188,8 +192,8 @@ def test_scan_and_remat_match_unrolled(attn_window):
 
 def test_bfloat16_compute_close_to_float32():
   images = jax.random.uniform(jax.random.key(7), (1, 64, 64, 3), minval=-1, maxval=1)
-  ref = _apply(vit.ViT(vit.vit_config("tiny"), rngs=nnx.Rngs(0)), images)
-  model = vit.ViT(vit.vit_config("tiny", dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+  ref = _apply(vit.ViT(tiny(), rngs=nnx.Rngs(0)), images)
+  model = vit.ViT(tiny(dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
   out = _apply(model, images)
   assert out.dtype == jnp.bfloat16
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

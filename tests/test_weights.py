@@ -265,7 +265,7 @@ def test_big_vision_npz_round_trip(gemma2_ckpt, tmp_path):
 
   # Per-layer model with multi-head attention (qkv_einsum); the connector not in the file.
   c = base.get_config("mqt")
-  c.model.decoder.num_kv_heads = c.model.decoder.num_heads
+  c.model.decoder.num_heads = c.model.decoder.num_kv_heads = 2
   c.model.vision.depth = c.model.decoder.depth = 1
   c.eval.budgets = (16,)
   mha_cfg, _ = config_lib.validate_config(c)

@@ -7,8 +7,9 @@ by ``configs/paligemma2/{parcel,m3,mqt,none}_224.py`` and ``parcel_448.py``.
         --config.data.eval_path=/data/eval.json
 
 Built on ``configs/base.py``'s schema; only what differs from it is set here:
-  model      SigLIP So400m/14 + Gemma-2 2B (``init.dims_from_checkpoint`` replaces both with the
-             checkpoint's config.json, so a tiny checkpoint gives a tiny model); scanned layers
+  model      SigLIP So400m/14 + Gemma-2 2B, the size presets ``so400m_14`` and ``gemma2_2b``
+             (``init.dims_from_checkpoint`` replaces both with the checkpoint's config.json, so a
+             tiny checkpoint gives a tiny model); scanned layers
              with full rematerialisation; bfloat16 compute, float32 parameters.
   connector  12 heads and one 4304-wide MLP at the vision width (paper, section "The connector").
   init       init.hf_checkpoint (a Hugging Face PaliGemma-2 directory) or init.big_vision_npz;
@@ -44,13 +45,8 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   # ---------------------------------------------------------------- model
   c.model.dtype = "bfloat16"
   v = c.model.vision
-  v.variant = "So400m/14"
-  v.image_size = image_size          # 224 -> 16 x 16 grid, 448 -> 32 x 32
-  v.patch_size = 14
-  v.width = 1152
-  v.depth = 27
-  v.mlp_dim = 4304
-  v.num_heads = 16
+  v.variant = "so400m_14"            # SigLIP So400m/14 (models/vit.py PRESETS): width 1152, 27 blocks
+  v.image_size = image_size          # over the preset's 224: 224 -> 16 x 16 grid, 448 -> 32 x 32
   v.posemb = "learn"
   v.center_input = False             # SigLIP was pretrained on raw [-1, 1] pixels
   v.scan = True
@@ -62,14 +58,8 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   con.bank_size = 0                  # what the budget space needs (PARCEL 192 / 768, MQT 256)
 
   d = c.model.decoder
-  d.variant = "gemma2_2b"
-  d.vocab_size = 257_152
-  d.width = 2304
-  d.depth = 26
-  d.mlp_dim = 9216
-  d.num_heads = 8
-  d.num_kv_heads = 4
-  d.head_dim = 256
+  d.variant = "gemma2_2b"            # Gemma-2 2B (models/gemma.py PRESETS): width 2304, 26 layers,
+                                     # vocabulary 257,152; below, its architecture switches
   d.post_norms = True
   d.attn_softcap = 50.0
   d.final_softcap = 30.0             # logit soft-capping switch: 30.0 = on (pretraining), 0 = off (transfer)
@@ -83,7 +73,6 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   d.remat = "full"
 
   # ----------------------------------------------------------------- init
-  c.init = ml_collections.ConfigDict()
   c.init.hf_checkpoint = ""          # HF PaliGemma-2 checkpoint directory ('' = random init)
   c.init.big_vision_npz = ""         # or a big_vision-layout .npz (parcel_jax/weights/big_vision.py)
   c.init.dims_from_checkpoint = True  # model.vision / model.decoder dims from the checkpoint's config.json
@@ -110,6 +99,7 @@ def make_config(method: str, image_size: int = 224) -> ml_collections.ConfigDict
   c.data.on_error = "skip"           # raise | skip (counted per kind, logged as data/skipped_*)
   c.data.max_skip_fraction = 0.01
   c.data.long_text = "truncate"      # truncate | reject
+  c.data.conversation = "multi_turn"  # llava: multi_turn (a record = one example) | single_exchange
   c.data.max_text_len = 128          # BOS + prefix + "\n" + suffix + EOS
   c.data.eval_size = 1 << 30         # real data: the eval file's length bounds eval.num_examples
   c.data.num_threads = 16

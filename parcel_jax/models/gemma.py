@@ -35,21 +35,26 @@ Array = jax.Array
 
 WINDOW_PREFIX_MODES = ("window", "full")
 
-DECODER_VARIANTS: dict[str, dict[str, Any]] = {
-    # CPU default. Gemma-2 switches are on so CPU tests exercise them; the window is
-    # shorter than tiny training sequences (<= 256 visual + text tokens) so it matters.
-    "tiny": dict(vocab_size=128, width=128, depth=2, mlp_dim=512, num_heads=4, num_kv_heads=2,
-                 head_dim=32, post_norms=True, attn_softcap=50.0, final_softcap=30.0,
-                 sliding_window=64, local_global=True),
-    # Gemma-1 2B as in PaliGemma-1 (multi-query attention).
-    "gemma_2b": dict(vocab_size=257_216, width=2048, depth=18, mlp_dim=16_384, num_heads=8,
-                     num_kv_heads=1, head_dim=256),
-    # Gemma-2 2B as in PaliGemma-2 3B.
+# Model sizes by name, the one table of them: ``decoder_config(name)``, and
+# ``model.decoder.variant`` in a config (it fills the size fields the config leaves at 0; see
+# ``vlm.preset_sizes``). Sizes only: the architecture switches are fields of their own, whose
+# defaults are Gemma-2's.
+SIZE_FIELDS = ("vocab_size", "width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
+PRESETS: dict[str, dict[str, int]] = {
+    # The embedded default (configs/base.py); no vocabulary: the data's tokenizer sets it.
+    "tiny": dict(width=64, depth=2, mlp_dim=256, num_heads=2, num_kv_heads=1, head_dim=32),
+    # Gemma-2 2B as in PaliGemma-2 3B (its 257,152-token vocabulary: Gemma's plus location and
+    # segmentation tokens).
     "gemma2_2b": dict(vocab_size=257_152, width=2304, depth=26, mlp_dim=9216, num_heads=8,
-                      num_kv_heads=4, head_dim=256, post_norms=True, attn_softcap=50.0,
-                      final_softcap=30.0, sliding_window=4096, local_global=True,
-                      query_scale=256 ** -0.5),
+                      num_kv_heads=4, head_dim=256),
 }
+
+
+def preset(name: str, field: str = "model.decoder.variant") -> dict[str, int]:
+  """The size fields of preset ``name``; an unknown name is an error naming ``field``."""
+  if name not in PRESETS:
+    raise ValueError(f"{field}={name!r} is not a decoder preset; presets: {', '.join(PRESETS)}")
+  return dict(PRESETS[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +68,13 @@ class DecoderConfig:
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  post_norms: bool = False              # Gemma-2 post-attention / post-MLP RMSNorms
-  attn_softcap: float | None = None     # Gemma-2 attention-logit soft-cap
-  final_softcap: float | None = None    # Gemma-2 output-logit soft-cap
-  sliding_window: int | None = None     # window of local layers (|pos_i - pos_j| < window)
-  local_global: bool = False            # alternate local / global layers, local first
-  query_scale: float | None = None      # None: head_dim ** -0.5
+  # The switches default to Gemma-2 (2B) as PaliGemma-2 uses it; Gemma-1 is all of them off.
+  post_norms: bool = True               # Gemma-2 post-attention / post-MLP RMSNorms
+  attn_softcap: float | None = 50.0     # Gemma-2 attention-logit soft-cap
+  final_softcap: float | None = 30.0    # Gemma-2 output-logit soft-cap
+  sliding_window: int | None = 4096     # window of local layers (|pos_i - pos_j| < window)
+  local_global: bool = True             # alternate local / global layers, local first
+  query_scale: float | None = None      # None: head_dim ** -0.5 (Gemma-2 2B: 256 ** -0.5)
   rope_base: float = 10_000.0
   # Token shift on the prompt (not in Gemma; 0 = off): each prefix text token's embedding plus a
   # learned per-channel mix of the embeddings of the this-many text tokens before it. A word's
@@ -117,10 +123,9 @@ class DecoderConfig:
     return self.local_global and layer % 2 == 0
 
 
-def decoder_config(variant: str, **overrides) -> DecoderConfig:
-  if variant not in DECODER_VARIANTS:
-    raise ValueError(f"decoder variant={variant!r} is unknown; allowed: {', '.join(DECODER_VARIANTS)}")
-  return DecoderConfig(**{**DECODER_VARIANTS[variant], **overrides})
+def decoder_config(name: str, **overrides) -> DecoderConfig:
+  """Preset ``name`` with ``overrides`` (any DecoderConfig field) on top."""
+  return DecoderConfig(**{**preset(name, "decoder preset"), **overrides})
 
 
 # ------------------------------------------------------------------- masks
@@ -382,7 +387,7 @@ class Decoder(nnx.Module):
 
   def attention_maps(self, x: Array, *, input_mask: Array, ar_mask: Array) -> Array:
     """Every layer's attention weights for the inputs of ``__call__``: (depth, b, heads, S, S)
-    float32 (diagnostics, e.g. ``parcel_jax.probe``). Needs ``scan=False``."""
+    float32 (diagnostics, e.g. ``analysis.probe``). Needs ``scan=False``."""
     if self.cfg.scan:
       raise ValueError("Decoder.attention_maps needs per-layer modules (DecoderConfig.scan=False)")
     positions = self._check(x, input_mask, ar_mask, None)

@@ -33,9 +33,40 @@ class ModelConfig:
 
 
 # Config keys of model sections that are read elsewhere, not by the module dataclasses:
-# the budget space (``budgets.BudgetSpec``) and the size preset's label.
+# the budget space (``budgets.BudgetSpec``) and the size preset (``preset_sizes``).
 NON_MODULE_KEYS = {"vision": {"variant"}, "decoder": {"variant"},
                    "connector": {"budgets", "query_bucket"}}
+_PRESETS = {"vision": (vit.preset, vit.PRESETS, vit.SIZE_FIELDS),
+            "decoder": (gemma.preset, gemma.PRESETS, gemma.SIZE_FIELDS)}
+
+
+def preset_sizes(section: str, cfg) -> dict:
+  """The size fields ``model.<section>`` (a ConfigDict) leaves at 0, from the preset that its
+  ``variant`` names (``vit.PRESETS`` / ``gemma.PRESETS``).
+
+  Precedence: a non-zero field in the config, then the preset, then (``decoder.vocab_size``
+  only, in ``config.validate_config``) the data's tokenizer. ``variant=""`` names no preset;
+  every size field must then be set. A size left at 0 that nothing fills is an error naming it.
+  """
+  if section not in _PRESETS:
+    return {}
+  lookup, presets, fields = _PRESETS[section]
+  name = cfg.get("variant", "")
+  sizes = lookup(name, f"model.{section}.variant") if name else {}
+  fills = {k: v for k, v in sizes.items() if not cfg.get(k)}
+  for field in fields:
+    if field in cfg and not cfg[field] and field not in fills and field != "vocab_size":
+      raise ValueError(f"model.{section}.{field}=0 and model.{section}.variant={name!r} has no "
+                       f"size for it; set it, or name a preset ({', '.join(presets)})")
+  return fills
+
+
+def apply_presets(model_cfg) -> None:
+  """Writes ``preset_sizes`` into ``config.model`` (a ConfigDict), in place."""
+  for section in _PRESETS:
+    fills = preset_sizes(section, model_cfg[section])
+    with model_cfg.unlocked():
+      model_cfg[section].update(fills)
 
 
 def _dataclass_from(cls, cfg, section: str, **extra):
@@ -50,6 +81,7 @@ def _dataclass_from(cls, cfg, section: str, **extra):
                      f"{' (nor ' + ', '.join(unknown[1:]) + ')' if unknown[1:] else ''}; "
                      f"allowed: {', '.join(allowed)}")
   values = {k: v for k, v in cfg.items() if k in names}
+  values.update(preset_sizes(section, cfg))
   for key in ("dtype", "param_dtype"):
     if isinstance(values.get(key), str):
       if values[key] not in DTYPES:
