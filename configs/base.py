@@ -58,8 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vision.scan = False      # scan over layers (one compiled layer)
   c.model.vision.remat = "none"    # none | full | dots: rematerialisation policy
 
-  c.model.connector = ml_collections.ConfigDict()   # models/connectors.py
-  c.model.connector.method = arg or "parcel"  # parcel | m3 | mqt | none
+  c.model.connector = ml_collections.ConfigDict()   # models/connectors/ (one file per method)
+  c.model.connector.method = arg or "parcel"  # parcel | m3 | mqt | none | random_subset (a file each)
   c.model.connector.routing = "piecewise"     # parcel: piecewise | fixed4x4 | fixed2x2
   c.model.connector.conditioning = "self_attn"  # parcel: self_attn | none (ViT-only) | dual_cross
   c.model.connector.extra_self_attn = False   # m3/mqt: add a self-attention block (ablation)

@@ -9,13 +9,11 @@ Vocabulary:
   sampler  a pure function of (seed, step): every host draws the same budget with
            no communication, and a resumed run draws the same sequence.
 
-Routing by method (grid = side of the square ViT feature grid):
-  parcel   piecewise: anchor grids a = 4, 8, 16, ... (< grid); budget B uses the
-           largest a with a*a <= B, and B - a*a queries. At grid 16: (16, B-16) for
-           16 <= B < 64 and (64, B-64) for 64 <= B <= 256; at grid 32 a third regime
-           (256, B-256) for 256 <= B <= 1024. Even budgets from 16 to grid**2.
-           Ablations: routing='fixed4x4' (16 anchors always) and 'fixed2x2'
-           (a 2x2 pooling kernel, i.e. (grid/2)**2 anchors always).
+Each method's budget space and routing are its own (``models/connectors/<method>.py``,
+class methods ``budget_space`` and ``route`` of its class); this module asks the method and
+holds nothing per method (grid = side of the square ViT feature grid):
+  parcel   even B from 16 to grid**2: (16, B-16) for 16 <= B < 64, (64, B-64) for
+           64 <= B <= 256 at grid 16 (routing='piecewise'; fixed4x4 / fixed2x2 ablations).
   m3       pure pooling, B = s*s for s dividing grid, s >= 2 (the paper's {4,16,64,256}).
   mqt      pure queries, even B from 2 to min(grid**2, bank size).
   none     all grid tokens, B = grid**2.
@@ -29,8 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-METHODS = ("parcel", "m3", "mqt", "none")
-ROUTINGS = ("piecewise", "fixed4x4", "fixed2x2")
+from parcel_jax.models import connectors
+
+METHODS = connectors.method_names()   # every registered method, the paper's first
 DISTRIBUTIONS = ("uniform", "log_uniform")
 SAMPLING_MODES = ("per_batch", "per_example")
 
@@ -65,67 +64,46 @@ def _describe(allowed: Sequence[int]) -> str:
   return "{" + ", ".join(map(str, allowed)) + "}"
 
 
-def parcel_anchor_grid(budget: int, grid_size: int, routing: str = "piecewise") -> int:
-  """Side of the anchor grid PARCEL uses for ``budget`` (see module docstring)."""
-  if routing == "fixed4x4":
-    return 4
-  if routing == "fixed2x2":
-    return grid_size // 2
-  side = 4
-  while side * 2 < grid_size and (side * 2) ** 2 <= budget:
-    side *= 2
-  return side
+def space_of(cfg: connectors.MethodConfig) -> tuple[int, ...]:
+  """Every budget the method of ``cfg`` (a method config, ``connectors.method_config``) serves."""
+  return connectors.method_class(cfg.method).budget_space(cfg)
+
+
+def route_of(cfg: connectors.MethodConfig, budget, allowed: Sequence[int] | None = None
+             ) -> tuple[int, int]:
+  """Splits ``budget`` into (num_anchors, num_queries) for the method of ``cfg``.
+
+  Raises ValueError naming the method and its allowed budgets (``allowed``, default its
+  whole space) when ``budget`` is not an integer among them.
+  """
+  allowed = space_of(cfg) if allowed is None else allowed
+  if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+    raise _fail(cfg.method, budget, allowed, " (budgets are integers)")
+  budget = int(budget)
+  if budget not in allowed:
+    odd = budget % 2 and (budget - 1 in allowed or budget + 1 in allowed)
+    raise _fail(cfg.method, budget, allowed, " (odd)" if odd else "")
+  return connectors.method_class(cfg.method).route(cfg, budget)
 
 
 def budget_space(method: str, grid_size: int, *, routing: str = "piecewise",
-                 bank_size: int | None = None) -> tuple[int, ...]:
-  """Every budget ``method`` supports at a ``grid_size`` x ``grid_size`` feature grid."""
-  validate_method(method, routing)
-  full = grid_size * grid_size
-  if method == "none":
-    return (full,)
-  if method == "m3":
-    return tuple(s * s for s in range(2, grid_size + 1) if grid_size % s == 0)
-  if method == "mqt":
-    top = full if bank_size is None else min(full, bank_size)
-    return tuple(range(2, top + 1, 2))
-  # parcel
-  if grid_size % 4:
-    raise ValueError(f"parcel needs a feature grid divisible by 4 for its 4x4 anchors; got grid {grid_size}")
-  lowest = parcel_anchor_grid(0, grid_size, routing) ** 2
-  top = full
-  if bank_size is not None:  # the bank must cover the largest query count
-    top = min(top, max(b for b in range(lowest, full + 1, 2)
-                       if b - parcel_anchor_grid(b, grid_size, routing) ** 2 <= bank_size))
-  return tuple(range(lowest, top + 1, 2))
+                 bank_size: int | None = None, **fields) -> tuple[int, ...]:
+  """Every budget ``method`` supports at a ``grid_size`` x ``grid_size`` feature grid
+  (``fields``: other ``model.connector`` fields of the method)."""
+  return space_of(connectors.method_config(method, grid_size=grid_size, routing=routing,
+                                           bank_size=bank_size or 0, **fields))
 
 
-def validate_method(method: str, routing: str = "piecewise") -> None:
-  if method not in METHODS:
-    raise ValueError(f"model.connector.method={method!r} is unknown; allowed: {', '.join(METHODS)}")
-  if routing not in ROUTINGS:
-    raise ValueError(f"model.connector.routing={routing!r} is unknown; allowed: {', '.join(ROUTINGS)}")
+def validate_method(method: str, routing: str = "piecewise", **fields) -> None:
+  """Raises ValueError naming the field when ``method`` or one of its fields is unknown."""
+  connectors.method_config(method, grid_size=0, routing=routing, **fields)
 
 
-def route(method: str, budget: int, grid_size: int, routing: str = "piecewise") -> tuple[int, int]:
-  """Splits ``budget`` into (num_anchors, num_queries) for ``method``.
-
-  Raises ValueError naming the method and its allowed budgets when ``budget`` is
-  not an integer in the method's space.
-  """
-  allowed = budget_space(method, grid_size, routing=routing)
-  if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
-    raise _fail(method, budget, allowed, " (budgets are integers)")
-  budget = int(budget)
-  if budget not in allowed:
-    why = " (odd)" if method in ("parcel", "mqt") and budget % 2 else ""
-    raise _fail(method, budget, allowed, why)
-  if method == "mqt":
-    return 0, budget
-  if method in ("m3", "none"):
-    return budget, 0
-  anchors = parcel_anchor_grid(budget, grid_size, routing) ** 2
-  return anchors, budget - anchors
+def route(method: str, budget: int, grid_size: int, routing: str = "piecewise",
+          **fields) -> tuple[int, int]:
+  """Splits ``budget`` into (num_anchors, num_queries) for ``method`` (see ``route_of``)."""
+  return route_of(connectors.method_config(method, grid_size=grid_size, routing=routing, **fields),
+                  budget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,18 +116,26 @@ class BudgetSpec:
       pooling specialist trains at one budget).
     query_bucket: query slots are rounded up to a multiple of this (capped at the
       regime's maximum), trading padding compute for fewer compiled programs.
+    method_cfg: the method's config (``connectors.method_config``) its routing reads;
+      None = built from ``method``, ``grid_size`` and ``routing``.
   """
   method: str
   grid_size: int
   budgets: tuple[int, ...]
   routing: str = "piecewise"
   query_bucket: int = 64
+  method_cfg: connectors.MethodConfig | None = None
+
+  def __post_init__(self):
+    if self.method_cfg is None:
+      object.__setattr__(self, "method_cfg", connectors.method_config(
+          self.method, grid_size=self.grid_size, routing=self.routing))
 
   @classmethod
   def from_config(cls, connector_cfg, grid_size: int) -> "BudgetSpec":
     c = connector_cfg
-    full = budget_space(c.method, grid_size, routing=c.routing,
-                        bank_size=(c.bank_size or None) if c.method in ("parcel", "mqt") else None)
+    method_cfg = connectors.config_from_section(c, grid_size=grid_size)
+    full = space_of(method_cfg)
     chosen = tuple(c.budgets) if c.get("budgets") else full
     bad = [b for b in chosen if b not in full]
     if bad:
@@ -157,12 +143,13 @@ class BudgetSpec:
                        f"{c.method!r} at grid {grid_size} (bank {c.get('bank_size')}): {_describe(full)}")
     if c.query_bucket < 1:
       raise ValueError(f"model.connector.query_bucket must be >= 1, got {c.query_bucket}")
-    return cls(c.method, grid_size, tuple(sorted(set(chosen))), c.routing, c.query_bucket)
+    return cls(c.method, grid_size, tuple(sorted(set(chosen))), c.get("routing", "piecewise"),
+               c.query_bucket, method_cfg)
 
   def route(self, budget: int) -> tuple[int, int]:
     if budget not in self.budgets:
       raise _fail(self.method, budget, self.budgets, " for this configuration")
-    return route(self.method, budget, self.grid_size, self.routing)
+    return route_of(self.method_cfg, budget, self.budgets)
 
   def bucket(self, budget: int) -> Bucket:
     """The static layout that serves ``budget``."""

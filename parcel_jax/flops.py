@@ -5,7 +5,7 @@ pooling are omitted, as in the paper. Symbols (all from the config):
 
   N_v = (image_size / patch_size)^2 patch tokens per frame, D_v / L_v / M_v ViT width / depth / MLP
   D_l / L_l / M_l decoder width / depth / MLP, H_q / H_kv query / KV heads, d_h head dim, V vocab
-  B visual tokens per frame = N_p anchors + N_q queries (``budgets.route``), T frames
+  B visual tokens per frame = N_p anchors + N_q queries (the method's routing), T frames
   N_t text prefix = 129 for images, 65 for video;  N_tot = T B + N_t tokens prefilled
 
   ViT         T L_v (8 N_v D_v^2 + 4 N_v^2 D_v + 4 N_v D_v M_v)
@@ -18,14 +18,16 @@ pooling are omitted, as in the paper. Symbols (all from the config):
   head        2 N_t D_l V                               logits over the text prefix only
   KV cache    2 bytes (bf16) x 2 (K, V) x L_l H_kv d_h x N_tot
 
-Connector variants the paper does not cost (our choices, same block accounting):
+Each method's connector term is its class's ``flops`` (``models/connectors/<method>.py``,
+from the block terms of ``flop_terms``); this module asks the method. The variants the paper
+does not cost (our choices, same block accounting):
   mqt                      cross-attention + MLP with N_q = B (no anchors, no self-attention).
   conditioning='none'      PARCEL without the self-attention term (ViT-only cross-attention).
   conditioning='dual_cross' the self-attention term is replaced by a cross-attention of the N_q
                            queries to the N_p anchors: 4 (N_q + N_p) D_v^2 + 4 N_q N_p D_v.
   extra_self_attn (m3/mqt) adds one self-attention over the B output tokens, 8 B D^2 + 4 B^2 D
                            (attention only: the paper's self-attention term carries no MLP);
-                           for m3 this is the whole connector cost. Ignored for parcel/none.
+                           for m3 this is the whole connector cost.
   m3, none                 0 (parameter-free pooling / identity).
 
 CLI:
@@ -34,11 +36,18 @@ CLI:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 from typing import Any, Callable
 
 from parcel_jax import budgets as budgets_lib
+from parcel_jax.flop_terms import cross_attention_flops, mlp_flops, self_attention_flops
+from parcel_jax.models import connectors
+
+__all__ = ["COMPONENTS", "connector_flops", "cost", "cross_attention_flops", "mlp_flops",
+           "self_attention_flops", "text_tokens", "vit_flops", "xla_flops", "xla_forward_flops"]
 
 IMAGE_TEXT_TOKENS = 129  # N_t for a single image (paper, Appendix C)
 VIDEO_TEXT_TOKENS = 65   # N_t for 16-frame video
@@ -57,53 +66,19 @@ def grid_size(config) -> int:
   return v.image_size // v.patch_size
 
 
-def self_attention_flops(n: int, d: int) -> int:
-  """n tokens attending to each other at width d: Q,K,V,O projections + scores + weighted sum."""
-  return 8 * n * d * d + 4 * n * n * d
-
-
-def cross_attention_flops(n_query: int, n_source: int, d: int) -> int:
-  """n_query tokens attending to n_source tokens: Q,O on queries, K,V on sources, scores + sum."""
-  return 4 * (n_query + n_source) * d * d + 4 * n_query * n_source * d
-
-
-def mlp_flops(n: int, d: int, hidden: int) -> int:
-  """A two-matrix MLP d -> hidden -> d on n tokens."""
-  return 4 * n * d * hidden
-
-
 def vit_flops(n_v: int, d: int, depth: int, mlp: int) -> int:
   """One frame through the ViT: depth x (self-attention over N_v patches + MLP)."""
   return depth * (self_attention_flops(n_v, d) + mlp_flops(n_v, d, mlp))
 
 
 def connector_flops(connector, n_p: int, n_q: int, n_v: int, d: int) -> int:
-  """One frame through the connector at the vision width d (see the module docstring)."""
-  method = connector.method
-  budget = n_p + n_q
-  extra = connector.get("extra_self_attn", False)
-  if method == "none":
-    return 0
-  if method == "m3":
-    return self_attention_flops(budget, d) if extra else 0
-  if method == "mqt":
-    flops = cross_attention_flops(n_q, n_v, d) + mlp_flops(n_q, d, connector.mlp_dim)
-    return flops + (self_attention_flops(budget, d) if extra else 0)
-  if method != "parcel":
-    raise ValueError(f"model.connector.method={method!r} is unknown; allowed: {budgets_lib.METHODS}")
-  if n_q == 0:  # pure pooling: the query path is off
-    return 0
-  conditioning = connector.get("conditioning", "self_attn")
-  if conditioning == "self_attn":
-    condition = self_attention_flops(budget, d)
-  elif conditioning == "none":
-    condition = 0
-  elif conditioning == "dual_cross":
-    condition = cross_attention_flops(n_q, n_p, d)
-  else:
-    raise ValueError(f"model.connector.conditioning={conditioning!r} is unknown; "
-                     "allowed: self_attn, none, dual_cross")
-  return condition + cross_attention_flops(n_q, n_v, d) + mlp_flops(n_q, d, connector.mlp_dim)
+  """One frame through the connector at the vision width d: the method's own cost
+  (``connector``: the ``model.connector`` section; see the module docstring)."""
+  if isinstance(connector, connectors.ConnectorConfig):
+    connector = connector.method_config()
+  cfg = connector if isinstance(connector, connectors.MethodConfig) else \
+      connectors.config_from_section(connector, grid_size=math.isqrt(n_v))
+  return connectors.method_class(cfg.method).flops(cfg, n_p, n_q, n_v, d)
 
 
 def llm_prefill_flops(n_tot: int, dec) -> int:
@@ -132,13 +107,14 @@ def cost(config, budget: int, frames: int = 1) -> dict[str, int]:
   vis, dec, con = config.model.vision, config.model.decoder, config.model.connector
   grid = grid_size(config)
   n_v = grid * grid
-  n_p, n_q = budgets_lib.route(con.method, budget, grid, con.get("routing", "piecewise"))
+  method_cfg = connectors.config_from_section(con, grid_size=grid)
+  n_p, n_q = budgets_lib.route_of(method_cfg, budget)
   n_t = text_tokens(frames)
   n_tot = frames * budget + n_t
 
   out = {
       "vit": frames * vit_flops(n_v, vis.width, vis.depth, vis.mlp_dim),
-      "connector": frames * connector_flops(con, n_p, n_q, n_v, vis.width),
+      "connector": frames * connector_flops(method_cfg, n_p, n_q, n_v, vis.width),
       "projection": 2 * frames * budget * vis.width * dec.width,
       "llm": llm_prefill_flops(n_tot, dec),
       "head": 2 * n_t * dec.width * dec.vocab_size,
@@ -193,17 +169,23 @@ def xla_forward_flops(config, budget: int) -> float:
 
 # -------------------------------------------------------------------------- CLI
 
+def _options(method_cfg) -> str:
+  """The method's string options (routing=..., conditioning=...) for the table header."""
+  return "".join(f"{f.name}={getattr(method_cfg, f.name)} " for f in dataclasses.fields(method_cfg)
+                 if f.name != "method" and isinstance(getattr(method_cfg, f.name), str))
+
+
 def _table(config, rows: list[tuple[int, dict]], frames: int) -> str:
   grid = grid_size(config)
   con = config.model.connector
+  method_cfg = connectors.config_from_section(con, grid_size=grid)
   ref = max(rows, key=lambda r: r[0])[1]["total"]
   head = (f"{'B':>5} {'N_p':>5} {'N_q':>5} {'ViT':>9} {'conn':>9} {'proj':>9} {'LLM':>9} "
           f"{'head':>9} {'total':>9} {'KV MiB':>8} {'rel':>6}")
-  lines = [f"method={con.method} routing={con.get('routing', 'piecewise')} "
-           f"conditioning={con.get('conditioning', 'self_attn')} grid={grid}x{grid} frames={frames} "
+  lines = [f"method={con.method} {_options(method_cfg)}grid={grid}x{grid} frames={frames} "
            f"N_t={text_tokens(frames)}   (GFLOPs; rel = total / total at the largest budget)", head]
   for b, c in rows:
-    n_p, n_q = budgets_lib.route(con.method, b, grid, con.get("routing", "piecewise"))
+    n_p, n_q = budgets_lib.route_of(method_cfg, b)
     g = {k: c[k] / 1e9 for k in COMPONENTS + ("total",)}
     lines.append(f"{b:>5} {n_p:>5} {n_q:>5} {g['vit']:>9.2f} {g['connector']:>9.2f} "
                  f"{g['projection']:>9.2f} {g['llm']:>9.2f} {g['head']:>9.2f} {g['total']:>9.2f} "

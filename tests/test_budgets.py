@@ -156,3 +156,30 @@ def test_ramp_length_is_a_fraction_of_the_schedule():
   assert B.ramp_steps(c) == 75
   del c.budget["ramp_fraction"]  # a config saved before the field existed
   assert B.ramp_steps(c) == 0
+
+
+def test_spaces_and_routes_are_the_methods_own():
+  from parcel_jax.models import connectors as C
+  for name in B.METHODS:
+    cls, cfg = C.method_class(name), C.method_config(name, grid_size=16)
+    space = cls.budget_space(cfg)
+    assert B.space_of(cfg) == B.budget_space(name, 16) == space == tuple(sorted(space))
+    budget = int(np.random.default_rng().choice(space))
+    assert B.route(name, budget, 16) == B.route_of(cfg, budget) == cls.route(cfg, budget)
+    assert sum(cls.route(cfg, budget)) == budget
+
+
+def test_bank_size_caps_the_space_of_query_methods():
+  spec = B.BudgetSpec.from_config(connector_cfg("mqt", bank_size=100), 16)
+  assert spec.budgets == tuple(range(2, 101, 2)) and spec.method_cfg.bank_size == 100
+  spec = B.BudgetSpec.from_config(connector_cfg("parcel", bank_size=100), 16)
+  assert spec.budgets[-1] == 164 and spec.route(164) == (64, 100)
+  with pytest.raises(ValueError, match="method 'mqt'.*for this configuration"):
+    B.BudgetSpec.from_config(connector_cfg("mqt", bank_size=100), 16).route(102)
+
+
+def test_routing_of_another_method_is_refused():
+  with pytest.raises(ValueError, match=r"model.connector.routing='fixed4x4' is a field of method 'parcel', not of method 'm3'"):
+    B.BudgetSpec.from_config(connector_cfg("m3", routing="fixed4x4"), 16)
+  with pytest.raises(ValueError, match=r"model.connector.routing='diagonal' is unknown; allowed: piecewise"):
+    B.validate_method("parcel", "diagonal")

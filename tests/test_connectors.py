@@ -1,5 +1,6 @@
-"""Connectors: pooling, nested queries, masking (parcel_jax/models/connectors.py)."""
+"""Connectors: pooling, nested queries, masking, per-method configs, the registry (parcel_jax/models/connectors/)."""
 
+import dataclasses
 import functools
 
 import einops
@@ -11,6 +12,7 @@ from flax import nnx
 
 from parcel_jax import budgets as B
 from parcel_jax.models import connectors as C
+from parcel_jax.models.connectors import base
 from tests.util import assert_rel_close
 
 GRID, WIDTH = 16, 32
@@ -150,3 +152,111 @@ def test_config_errors_name_the_field():
   conn, _ = make("parcel")
   with pytest.raises(ValueError, match=r"features \(batch, 16, 16, 32\)"):
     conn(jnp.zeros((1, 8, 8, WIDTH)), B.Bucket(4, 0), jnp.array([16]))
+
+
+# ------------------------------------------------------------- configs: each method its own fields
+
+def test_each_method_config_holds_only_what_it_reads():
+  names = lambda cfg: {f.name for f in dataclasses.fields(cfg)} - set(base.MODEL_FIELDS)
+  parcel = C.method_config("parcel", grid_size=GRID, routing="fixed4x4", key_mode="pos_only")
+  mqt = C.method_config("mqt", grid_size=GRID, key_mode="pos_only", extra_self_attn=True)
+  m3 = C.method_config("m3", grid_size=GRID, extra_self_attn=True)
+  assert (parcel.routing, parcel.key_mode, mqt.key_mode, mqt.extra_self_attn) == ("fixed4x4", "pos_only", "pos_only", True)
+  assert {"routing", "conditioning", "anchor_pos"} <= names(parcel) and "extra_self_attn" not in names(parcel)
+  assert "extra_self_attn" in names(mqt) and not {"routing", "conditioning", "anchor_pos"} & names(mqt)
+  assert names(m3) == {"num_heads", "extra_self_attn"}
+  assert names(C.method_config("none", grid_size=GRID)) == set()
+  flat = {f.name for f in dataclasses.fields(C.ConnectorConfig)}
+  for name in C.method_names():   # the flat section is exactly the union of the methods' fields
+    assert names(C.method_config(name, grid_size=GRID)) <= flat
+
+
+@pytest.mark.parametrize("method,field,value,owners", [
+    ("mqt", "routing", "fixed4x4", "'parcel'"),
+    ("mqt", "conditioning", "none", "'parcel'"),
+    ("m3", "key_mode", "pos_only", "'parcel' / 'mqt'"),
+    ("parcel", "extra_self_attn", True, "'m3' / 'mqt'"),
+    ("none", "bank_size", 64, "'parcel' / 'mqt'"),
+    ("parcel", "subset_seed", 3, "'random_subset'"),
+])
+def test_a_field_of_another_method_is_refused(method, field, value, owners):
+  with pytest.raises(ValueError, match=rf"model.connector.{field}={value!r} is a field of method "
+                                        rf"{owners}, not of method '{method}'"):
+    C.ConnectorConfig(method=method, width=WIDTH, grid_size=GRID, num_heads=4, **{field: value})
+  default = {f.name: f.default for f in dataclasses.fields(C.ConnectorConfig)}[field]
+  assert C.ConnectorConfig(method=method, width=WIDTH, grid_size=GRID, num_heads=4, **{field: default})
+
+
+def test_flat_overrides_reach_the_method_and_wrong_ones_name_it():
+  from parcel_jax import config as config_lib
+  from tests.conftest import tiny_config
+  model_cfg, spec = config_lib.validate_config(tiny_config(routing="fixed4x4", budgets=()))
+  assert model_cfg.connector.method_config().routing == "fixed4x4"
+  assert spec.route(200) == (16, 184) and spec.budgets == tuple(range(16, 257, 2))
+  with pytest.raises(ValueError, match=r"model.connector.routing='fixed4x4' is a field of method 'parcel', "
+                                        r"not of method 'mqt' \(which reads .*key_mode"):
+    config_lib.validate_config(tiny_config("mqt", routing="fixed4x4"))
+
+
+def test_shared_sizes_are_ignored_by_a_method_without_them():
+  heads, mlp = (int(v) for v in np.random.default_rng().integers(1, 99, size=2))
+  cfg = C.ConnectorConfig(method="none", width=WIDTH, grid_size=GRID, num_heads=heads, mlp_dim=mlp)
+  assert cfg.method_config() == C.method_config("none", grid_size=GRID, width=WIDTH)
+  assert C.ConnectorConfig(method="m3", width=48, grid_size=GRID, mlp_dim=mlp).method_config().num_heads == 12
+
+
+def test_registry_refuses_an_incomplete_or_duplicate_method():
+  class NoFlops(base.Connector):
+    name = "no_flops"
+    budget_space = classmethod(lambda cls, cfg: (4,))
+    route = classmethod(lambda cls, cfg, b: (b, 0))
+    def __call__(self, features, bucket, budgets):
+      return features
+
+  with pytest.raises(TypeError, match="'no_flops'.*does not define flops"):
+    base.register(NoFlops)
+
+  class Twice(NoFlops):
+    name = "parcel"
+    flops = classmethod(lambda cls, cfg, n_p, n_q, n_v, d: 0)
+
+  with pytest.raises(TypeError, match="'parcel' is defined twice"):
+    base.register(Twice)
+  assert "no_flops" not in C.method_names() and C.method_class("parcel") is C.Parcel
+
+
+# Parameter paths and shapes (width 32, 4 heads, MLP 64, grid 16) of the connectors as they were
+# when every method lived in one module: saved checkpoints restore by these paths.
+_BLOCK = {"norm_q/scale": [32], "norm_q/bias": [32], "norm_kv/scale": [32], "norm_kv/bias": [32],
+          **{f"attn/{x}_kernel": [32, 4, 8] for x in "qkv"}, **{f"attn/{x}_bias": [4, 8] for x in "qkv"},
+          "attn/o_kernel": [4, 8, 32], "attn/o_bias": [32]}
+_HEAD = {"mlp/wi": [32, 64], "mlp/bi": [64], "mlp/wo": [64, 32], "mlp/bo": [32], "mlp_norm/scale": [32],
+         "mlp_norm/bias": [32], "out_norm/scale": [32], "out_norm/bias": [32]}
+
+
+def _resampler(bank, blocks):
+  return {"resampler/bank": [bank, 32], **{f"resampler/{k}": v for k, v in _HEAD.items()},
+          **{f"resampler/{b}/{k}": v for b in blocks for k, v in _BLOCK.items()}}
+
+
+@pytest.mark.parametrize("method,options,paths", [
+    ("parcel", {}, _resampler(192, ("condition", "cross"))),
+    ("parcel", {"routing": "fixed4x4"}, _resampler(240, ("condition", "cross"))),
+    ("mqt", {}, _resampler(256, ("cross",))),
+    ("mqt", {"extra_self_attn": True}, _resampler(256, ("condition", "cross"))),
+    ("m3", {"extra_self_attn": True}, {f"self_attn/{k}": v for k, v in _BLOCK.items()}),
+    ("m3", {}, {}), ("none", {}, {}), ("random_subset", {}, {})])
+def test_parameter_paths_are_those_checkpoints_hold(method, options, paths):
+  cfg = C.ConnectorConfig(method=method, width=WIDTH, grid_size=GRID, num_heads=4, mlp_dim=64, **options)
+  conn = nnx.eval_shape(lambda: C.make_connector(cfg, rngs=nnx.Rngs(0)))
+  flat = nnx.to_flat_state(nnx.state(conn, nnx.Param))
+  assert {"/".join(map(str, k)): list(v.shape) for k, v in flat} == paths
+  assert C.method_class(method).bank_size(cfg.method_config()) == (paths.get("resampler/bank") or [0])[0]
+
+
+def test_bank_sizes_follow_the_budget_space():
+  assert C.Parcel.bank_size(C.method_config("parcel", grid_size=32)) == 768     # 448 px: 1024 - 256
+  assert C.Parcel.bank_size(C.method_config("parcel", grid_size=16, routing="fixed2x2")) == 192
+  assert C.Parcel.bank_size(C.method_config("parcel", grid_size=16, bank_size=100)) == 100
+  assert B.budget_space("parcel", 16, bank_size=100) == tuple(range(16, 165, 2))  # 64 anchors + 100
+  assert B.budget_space("mqt", 16, bank_size=100) == tuple(range(2, 101, 2))

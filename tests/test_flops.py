@@ -255,3 +255,15 @@ def test_xla_forward_flops_ratio_for_the_tiny_default():
     ratio = xla / model["total"]
     print(f"\nB={budget}: XLA {xla / 1e9:.4f} GFLOPs, model {model['total'] / 1e9:.4f} GFLOPs, ratio {ratio:.3f}")
     assert 0.95 < ratio < 1.5
+
+
+def test_cli_names_a_field_of_another_method(tmp_path):
+  """PARCEL's routing off its default with method=mqt is refused, naming both (the config's
+  routing='piecewise' and conditioning='self_attn' are defaults, so mqt alone runs: above)."""
+  path = _write_config(tmp_path)
+  bad = subprocess.run([sys.executable, "-m", "parcel_jax.flops", f"--config={path}", "--budgets=64",
+                        "--config.model.connector.method=mqt",
+                        "--config.model.connector.routing=fixed4x4"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+  assert bad.returncode != 0 and ("model.connector.routing='fixed4x4' is a field of method 'parcel', "
+                                  "not of method 'mqt'") in bad.stderr
