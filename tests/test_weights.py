@@ -324,3 +324,36 @@ def test_loads_onto_fsdp_mesh(tmp_path):
                        capture_output=True, text=True, timeout=240)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK" in out.stdout
+
+
+def test_safetensors_store_bf16_and_bad_files(tmp_path):
+  """The safetensors package reads (memory-mapped) and writes: bfloat16 both ways, every
+  dtype bit for bit, and unreadable files give errors naming the file."""
+  rng = np.random.RandomState(0)
+  tensors = {"a": rng.normal(size=(3, 5)).astype(np.float32),
+             "b": rng.normal(size=(4,)).astype(jnp.bfloat16),
+             "c": rng.randint(-9, 9, (2, 2, 2)).astype(np.int32),
+             "d": rng.normal(size=(2, 3)).astype(np.float16).T}  # not contiguous
+  path = str(tmp_path / "t.safetensors")
+  size = common.write_safetensors(path, tensors, metadata={"format": "pt"})
+  assert size == os.path.getsize(path)
+  store = common.SafetensorsStore([path])
+  assert sorted(store.keys()) == ["a", "b", "c", "d"] and store.shape("d") == (3, 2)
+  for k, x in tensors.items():
+    assert store[k].dtype == x.dtype, k
+    assert np.array_equal(store[k].view(np.uint8), np.ascontiguousarray(x).view(np.uint8)), k
+  from safetensors.torch import load_file  # what transformers reads: the same bf16 values
+  assert torch.equal(load_file(path)["b"], torch.tensor(tensors["b"].astype(np.float32)).bfloat16())
+  with pytest.raises(common.WeightsError, match="tensor x: dtype complex128 cannot be written"):
+    common.write_safetensors(str(tmp_path / "x.safetensors"), {"x": np.zeros(2, np.complex128)})
+  short = tmp_path / "short.safetensors"
+  short.write_bytes(b"abc")
+  with pytest.raises(common.WeightsError, match=f"{short}: not a safetensors file"):
+    common.SafetensorsStore([str(short)])
+  garbage = tmp_path / "garbage.safetensors"
+  garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json......")
+  with pytest.raises(common.WeightsError, match=f"{garbage}: unreadable safetensors header"):
+    common.SafetensorsStore([str(garbage)])
+  with pytest.raises(common.WeightsError, match=r"tensor a appears in both .*t.safetensors and .*t2"):
+    common.write_safetensors(str(tmp_path / "t2.safetensors"), {"a": tensors["a"]})
+    common.SafetensorsStore([path, str(tmp_path / "t2.safetensors")])

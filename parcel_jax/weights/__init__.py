@@ -1,19 +1,32 @@
-"""Real weights: Hugging Face PaliGemma checkpoints and big_vision npz files -> our params.
+"""Real weights: Hugging Face PaliGemma checkpoints and big_vision npz files <-> our params.
 
 ``config.init`` (optional in a config; '' = random initialisation):
   init.hf_checkpoint        a Hugging Face PaliGemma / PaliGemma-2 checkpoint directory
   init.big_vision_npz       a big_vision-layout .npz (see ``big_vision``)
+  init.connector_safetensors  a ``connector.safetensors`` written by ``export`` (see
+                            ``connector``): the connector's parameters, read after the
+                            checkpoint above (or alone, over the initialisation); a
+                            ``connector.json`` beside it must match model.connector
   init.dims_from_checkpoint True: model dimensions come from the checkpoint's config.json
                             (``hf.config_from_hf``), overriding config.model.{vision,decoder}
 Nothing is ever downloaded: paths come from the config.
+
+``export`` writes a model back out (``python -m parcel_jax.export``): format 'hf' is a
+PaliGemma directory (``hf.export_hf``) plus, for parcel / m3 / mqt, the connector file
+(``connector.export_connector``); 'big_vision' one npz (``big_vision.export_npz``).
 """
 
 from __future__ import annotations
 
+import os
+
 from absl import logging
 
-from parcel_jax.weights import big_vision, common, hf  # noqa: F401
-from parcel_jax.weights.common import WeightsError  # noqa: F401
+from parcel_jax.weights import big_vision, common, connector, hf  # noqa: F401
+from parcel_jax.weights.common import WeightsError, Written  # noqa: F401
+
+FORMATS = ("hf", "big_vision")
+NPZ_FILE = "params.npz"
 
 
 def init_fields(config) -> tuple[str, str]:
@@ -41,15 +54,47 @@ def apply_checkpoint_dims(config) -> None:
 
 
 def load_init_params(config, params, model_cfg):
-  """``params`` with the weights named by ``config.init`` (unchanged when none is named).
+  """``params`` with the weights named by ``config.init`` (unchanged when none is named):
+  the checkpoint, then the connector file.
 
   The replaced arrays of ``params`` are deleted as loading goes (device memory peaks at
   one extra parameter); connector arrays are kept and reused."""
   hf_dir, npz = init_fields(config)
   if hf_dir:
     logging.info("initialising from Hugging Face checkpoint %s", hf_dir)
-    return hf.load_hf_checkpoint(hf_dir, params, model_cfg, donate=True)
-  if npz:
+    params = hf.load_hf_checkpoint(hf_dir, params, model_cfg, donate=True)
+  elif npz:
     logging.info("initialising from big_vision npz %s", npz)
-    return big_vision.load_npz(npz, params, model_cfg, donate=True)
+    params = big_vision.load_npz(npz, params, model_cfg, donate=True)
+  connector_file = (config.get("init") or {}).get("connector_safetensors", "")
+  if connector_file:
+    logging.info("connector from %s", connector_file)
+    params = connector.load_connector(connector_file, params, model_cfg, donate=True)
+  elif hf_dir and os.path.exists(os.path.join(hf_dir, connector.FILE)):
+    logging.warning("%s holds %s, which is not read: set init.connector_safetensors to load it",
+                    hf_dir, connector.FILE)
   return params
+
+
+def export(params, model_cfg, fmt: str, out_dir: str, *, run_connector_config=None,
+           image_token_index: int | None = None, allow=(), max_shard_bytes: int = 0
+           ) -> list[Written]:
+  """Writes ``params`` of a ``model_cfg`` model to ``out_dir`` in format ``fmt``.
+
+  'hf': ``hf.export_hf`` (config.json, model.safetensors or shards) and, when the model
+  has a connector, ``connector.export_connector`` (connector.safetensors, connector.json
+  with ``run_connector_config`` = the run's model.connector section). 'big_vision':
+  ``out_dir/params.npz`` (``big_vision.export_npz``, connector included).
+  Returns the files written.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"format={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+  if fmt == "hf":
+    written = hf.export_hf(params, model_cfg, out_dir, image_token_index=image_token_index,
+                           allow=allow, max_shard_bytes=max_shard_bytes)
+    return written + connector.export_connector(params, model_cfg, out_dir,
+                                                run_connector_config=run_connector_config)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, NPZ_FILE)
+  shapes = big_vision.export_npz(params, model_cfg, path)
+  return [Written(path, len(shapes), os.path.getsize(path))]

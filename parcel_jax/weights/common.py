@@ -8,8 +8,17 @@ scanned stacks, checks every shape, and builds each array directly on its mesh
 sharding with ``jax.make_array_from_callback``: one host copy per parameter at a time,
 and every device receives only its own slice.
 
+Exporters walk the same mapping backwards: a Source may carry the ``inverse`` of its
+conversion (our array -> its checkpoint tensors), and :func:`export_tensors` applies it to
+every parameter, so the format's table is typed once (``hf.param_mapping``).
+
 Paths are '/'-joined keys of the ``nnx.to_pure_dict`` tree, as in ``parcel_jax.optim``:
 ``vision/blocks/0/attn/q_kernel``, ``decoder/layers/3/mlp/wi``, ``projection/kernel``.
+
+safetensors files are read and written with the ``safetensors`` package (numpy side,
+memory-mapped reads). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays and
+are written as ``BF16`` (checked with safetensors 0.8; a release whose numpy side lacks
+bfloat16 gives a WeightsError naming the file and the tensor).
 """
 
 from __future__ import annotations
@@ -18,12 +27,13 @@ import dataclasses
 import json
 import os
 import re
-import struct
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from absl import logging
 
 # Parameters that a PaliGemma-style checkpoint never holds: the elastic connectors.
@@ -34,11 +44,24 @@ class WeightsError(ValueError):
   """A checkpoint does not fit the model (missing, unexpected or mis-shaped tensors)."""
 
 
+def _identity(x):
+  return x
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """How one of our parameters (per-layer layout) is computed from checkpoint tensors."""
-  names: tuple[str, ...]                       # checkpoint tensor names, in ``fn``'s order
-  fn: Callable[..., np.ndarray] = lambda x: x  # numpy arrays -> our layout
+  """How one of our parameters (per-layer layout) is computed from checkpoint tensors.
+
+  ``inverse`` (for exporters) maps our array back to the checkpoint tensors: one array for
+  one name, a tuple in ``names`` order for several. The identity conversion is its own
+  inverse; any other ``fn`` without one cannot be exported."""
+  names: tuple[str, ...]                        # checkpoint tensor names, in ``fn``'s order
+  fn: Callable[..., np.ndarray] = _identity     # numpy arrays -> our layout
+  inverse: Callable[[np.ndarray], Any] | None = None  # our layout -> the checkpoint tensors
+
+  def __post_init__(self):
+    if self.inverse is None and self.fn is _identity:
+      object.__setattr__(self, "inverse", _identity)
 
   def describe(self) -> str:
     return self.names[0] if len(self.names) == 1 else "(" + ", ".join(self.names) + ")"
@@ -120,14 +143,26 @@ class DictStore(TensorStore):
     return np.asarray(self._tensors[name])
 
 
-# safetensors: an 8-byte little-endian header length, a JSON header
-# {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
-# then the raw little-endian tensor bytes (offsets relative to the end of the header).
-_SAFETENSORS_DTYPES = {
+# safetensors dtype codes we read and write, and their numpy types.
+SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+def _open_safetensors(path: str):
+  """A ``safe_open`` handle (numpy, memory-mapped); WeightsError naming the file otherwise."""
+  try:
+    size = os.path.getsize(path)
+  except OSError as e:
+    raise WeightsError(f"{path}: cannot read the safetensors file ({e})") from e
+  if size < 8:
+    raise WeightsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+  try:
+    return safetensors.safe_open(path, framework="numpy")
+  except (safetensors.SafetensorError, OSError, ValueError) as e:
+    raise WeightsError(f"{path}: unreadable safetensors header ({e})") from e
 
 
 class SafetensorsStore(TensorStore):
@@ -135,25 +170,18 @@ class SafetensorsStore(TensorStore):
 
   def __init__(self, files: Sequence[str]):
     self.description = ", ".join(files) if len(files) < 3 else f"{files[0]} (+{len(files) - 1} shards)"
-    self._index: dict[str, tuple[str, dict, int]] = {}
-    self._maps: dict[str, np.memmap] = {}
+    self._index: dict[str, tuple[str, tuple[int, ...]]] = {}   # name -> (file, shape)
+    self._handles: dict[str, Any] = {}
     for path in files:
-      with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-          raise WeightsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-          header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-          raise WeightsError(f"{path}: unreadable safetensors header ({e})") from e
-      header.pop("__metadata__", None)
-      for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-          raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+      handle = _open_safetensors(path)
+      for name in handle.keys():
+        info = handle.get_slice(name)
+        if info.get_dtype() not in SAFETENSORS_DTYPES:
+          raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info.get_dtype()}")
         if name in self._index:
           raise WeightsError(f"tensor {name} appears in both {self._index[name][0]} and {path}")
-        self._index[name] = (path, info, 8 + n)
+        self._index[name] = (path, tuple(info.get_shape()))
+      self._handles[path] = handle
 
   def keys(self):
     return self._index.keys()
@@ -162,38 +190,79 @@ class SafetensorsStore(TensorStore):
     return name in self._index
 
   def shape(self, name):
-    return tuple(self._index[name][1]["shape"])
+    return self._index[name][1]
 
   def __getitem__(self, name):
-    path, info, base = self._index[name]
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-    begin, end = info["data_offsets"]
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    buf = self._maps[path][base + begin:base + end]
-    return buf.view(dtype).reshape(info["shape"])
+    path, _ = self._index[name]
+    try:
+      return self._handles[path].get_tensor(name)
+    except (safetensors.SafetensorError, TypeError, KeyError, ValueError) as e:
+      raise WeightsError(f"{path}: cannot read tensor {name} as numpy ({e})") from e
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-  """Writes numpy tensors as one safetensors file (used by tests and exporters)."""
-  names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-  header, offset, blobs = {}, 0, []
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> int:
+  """Writes numpy tensors as one safetensors file (``safetensors.numpy.save_file``); returns
+  its size in bytes. ``metadata``: the header's ``__metadata__`` (str -> str)."""
+  out = {}
   for name, arr in tensors.items():
     arr = np.ascontiguousarray(arr)
-    code = names.get(arr.dtype.type)
-    if code is None:
+    if arr.dtype.type not in SAFETENSORS_DTYPES.values():
       raise WeightsError(f"tensor {name}: dtype {arr.dtype} cannot be written to safetensors")
-    data = arr.tobytes()
-    header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-    offset += len(data)
-    blobs.append(data)
-  raw = json.dumps(header).encode()
-  raw += b" " * (-len(raw) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for b in blobs:
-      f.write(b)
+    out[name] = arr
+  try:
+    safetensors.numpy.save_file(out, path, metadata=dict(metadata) if metadata else None)
+  except (safetensors.SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+    raise WeightsError(f"{path}: cannot write safetensors ({e!r})") from e
+  return os.path.getsize(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+  """One file an exporter wrote."""
+  path: str
+  tensors: int   # 0 for a JSON file
+  bytes: int
+
+
+def write_json(path: str, obj) -> Written:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return Written(path, 0, os.path.getsize(path))
+
+
+def write_safetensors_shards(out_dir: str, stem: str, tensors: Iterable[tuple[str, np.ndarray]],
+                             max_shard_bytes: int = 0, metadata: Mapping[str, str] | None = None
+                             ) -> list[Written]:
+  """``stem.safetensors``, or with ``max_shard_bytes`` > 0 shards of at most that size (a
+  larger tensor gets a shard of its own) ``stem-0000i-of-0000n.safetensors`` and
+  ``stem.safetensors.index.json`` (``weight_map``: tensor -> shard file), as transformers
+  writes them. Tensor names must be unique."""
+  items = list(tensors)
+  names = [n for n, _ in items]
+  if len(set(names)) != len(names):
+    raise WeightsError(f"tensor {next(n for n in names if names.count(n) > 1)} written twice")
+  shards: list[list[tuple[str, np.ndarray]]] = [[]]
+  size = 0
+  for name, x in items:
+    if max_shard_bytes > 0 and shards[-1] and size + x.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((name, x))
+    size += x.nbytes
+  if len(shards) == 1:
+    path = os.path.join(out_dir, f"{stem}.safetensors")
+    return [Written(path, len(items), write_safetensors(path, dict(items), metadata))]
+  written, weight_map = [], {}
+  for i, shard in enumerate(shards):
+    file = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    path = os.path.join(out_dir, file)
+    written.append(Written(path, len(shard), write_safetensors(path, dict(shard), metadata)))
+    weight_map.update({n: file for n, _ in shard})
+  index = {"metadata": {"total_size": int(sum(x.nbytes for _, x in items))}, "weight_map": weight_map}
+  written.append(write_json(os.path.join(out_dir, f"{stem}.safetensors.index.json"), index))
+  return written
 
 
 # ------------------------------------------------------------------------ assembly
@@ -292,6 +361,26 @@ def assemble(params, mapping: Mapping[str, Source], store: TensorStore, model_cf
     logging.info("weights from %s; kept initialisation for %d parameters (%s)", desc, len(kept),
                  ", ".join(groups))
   return unflatten_like(params, out)
+
+
+def export_tensors(flat: Mapping[str, np.ndarray], mapping: Mapping[str, Source]
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+  """The inverse of ``assemble``: per-layer flat params -> (checkpoint name, tensor), in
+  ``mapping``'s order. Every parameter of ``flat`` must have a place in ``mapping`` (the
+  caller leaves out what the format does not hold) and every mapped path a value."""
+  unplaced = [p for p in flat if p not in mapping]
+  if unplaced:
+    raise WeightsError(f"parameter {unplaced[0]} has no place in the checkpoint format"
+                       + (f" (nor {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""))
+  for path, src in mapping.items():
+    if path not in flat:
+      raise WeightsError(f"the parameters have no {path} (checkpoint name {src.describe()})")
+    if src.inverse is None:
+      raise WeightsError(f"{path}: the conversion to {src.describe()} has no inverse")
+    out = src.inverse(np.asarray(flat[path]))
+    out = (out,) if len(src.names) == 1 else tuple(out)
+    for name, x in zip(src.names, out, strict=True):
+      yield name, np.asarray(x)
 
 
 def host_params(params) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Hugging Face PaliGemma / PaliGemma-2 checkpoints (``config.json`` + safetensors) -> our params.
+"""Hugging Face PaliGemma / PaliGemma-2 checkpoints (``config.json`` + safetensors) <-> our params.
 
 A checkpoint directory holds ``config.json`` and ``model.safetensors`` or
 ``model.safetensors.index.json`` with its shards (as ``save_pretrained`` writes). Tensor
@@ -41,16 +41,26 @@ HF numbers positions from 1, we from 0: RoPE is relative, so logits agree to rou
 HF exempts the bidirectional prefix from the local layers' window; ``config_from_hf``
 selects that (``window_prefix='full'``; identical to big_vision while the prefix is shorter
 than the window).
+
+Export (``export_hf``) walks the same table backwards (each conversion carries its
+inverse) and writes the names ``save_pretrained`` writes (``vision_tower.X``,
+``multi_modal_projector.X``, ``language_model.model.X``), with a ``config.json``
+(``hf_config``) that ``config_from_hf`` reads back to the same dimensions. Gemma-2 is
+chosen by ``decoder.post_norms``. What HF cannot express is refused with the config
+field named, or converted where that is exact (``unrepresentable``, next to ALLOWABLE).
+The image token defaults to an id outside the vocabulary (``default_image_token``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
+from parcel_jax.models import layers
 from parcel_jax.weights import common
 from parcel_jax.weights.common import Source, WeightsError
 
@@ -154,6 +164,8 @@ def config_from_hf(config: str | Mapping[str, Any]) -> dict[str, dict[str, Any]]
                                         for i in range(depth)]
     expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(depth)]
     window = text.get("sliding_window")
+    if all(t == "full_attention" for t in types):
+      window = None  # every layer global (an export of a model without local layers)
     _check(list(types) == expected or not window, where,
            f"text_config.layer_types={types} must alternate sliding/full starting with sliding")
     decoder.update(
@@ -220,21 +232,36 @@ class _Renamed(common.TensorStore):
     return self._store[self._names[name]]
 
 
+# Conversions as (fn, inverse) pairs: checkpoint -> ours, and ours -> checkpoint (export).
+
 def _linear(heads: int | None = None, head_dim: int | None = None):
   """torch (out, in) -> ours (in, out), optionally splitting out into (heads, head_dim)."""
   def fn(w):
     w = np.asarray(w).T
     return w.reshape(w.shape[0], heads, head_dim) if heads else w
-  return fn
+  return fn, lambda x: x.reshape(x.shape[0], -1).T
 
 
 def _out_linear(heads: int, head_dim: int):
   """torch (out, heads * head_dim) -> ours (heads, head_dim, out)."""
-  return lambda w: np.asarray(w).T.reshape(heads, head_dim, -1)
+  return (lambda w: np.asarray(w).T.reshape(heads, head_dim, -1),
+          lambda x: x.reshape(heads * head_dim, -1).T)
 
 
 def _bias(heads: int | None = None, head_dim: int | None = None):
-  return lambda b: np.asarray(b).reshape(heads, head_dim) if heads else np.asarray(b)
+  if not heads:
+    return ()  # the identity
+  return lambda b: np.asarray(b).reshape(heads, head_dim), lambda x: x.reshape(-1)
+
+
+def _conv_kernel():
+  """torch conv (D, 3, p, p) -> ours (p, p, 3, D)."""
+  return lambda w: np.asarray(w).transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)
+
+
+def _gated_mlp():
+  """torch gate (F, D), up (F, D) -> ours (2, D, F)."""
+  return lambda g, u: np.stack([np.asarray(g).T, np.asarray(u).T]), lambda x: (x[0].T, x[1].T)
 
 
 def param_mapping(model_cfg) -> dict[str, Source]:
@@ -242,7 +269,7 @@ def param_mapping(model_cfg) -> dict[str, Source]:
   v, d = model_cfg.vision, model_cfg.decoder
   m: dict[str, Source] = {}
   e = "vision_tower.embeddings."
-  m["vision/patch_kernel"] = Source((e + "patch_embedding.weight",), lambda w: np.asarray(w).transpose(2, 3, 1, 0))
+  m["vision/patch_kernel"] = Source((e + "patch_embedding.weight",), *_conv_kernel())
   m["vision/patch_bias"] = Source((e + "patch_embedding.bias",))
   if v.posemb == "learn":
     m["vision/posemb"] = Source((e + "position_embedding.weight",))
@@ -253,29 +280,28 @@ def param_mapping(model_cfg) -> dict[str, Source]:
       m[dst + f"norm{n}/scale"] = Source((src + f"layer_norm{n}.weight",))
       m[dst + f"norm{n}/bias"] = Source((src + f"layer_norm{n}.bias",))
     for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
-      m[dst + f"attn/{ours}_kernel"] = Source((src + f"self_attn.{theirs}.weight",), _linear(vh, vd))
-      m[dst + f"attn/{ours}_bias"] = Source((src + f"self_attn.{theirs}.bias",), _bias(vh, vd))
-    m[dst + "attn/o_kernel"] = Source((src + "self_attn.out_proj.weight",), _out_linear(vh, vd))
+      m[dst + f"attn/{ours}_kernel"] = Source((src + f"self_attn.{theirs}.weight",), *_linear(vh, vd))
+      m[dst + f"attn/{ours}_bias"] = Source((src + f"self_attn.{theirs}.bias",), *_bias(vh, vd))
+    m[dst + "attn/o_kernel"] = Source((src + "self_attn.out_proj.weight",), *_out_linear(vh, vd))
     m[dst + "attn/o_bias"] = Source((src + "self_attn.out_proj.bias",))
-    m[dst + "mlp/wi"] = Source((src + "mlp.fc1.weight",), _linear())
+    m[dst + "mlp/wi"] = Source((src + "mlp.fc1.weight",), *_linear())
     m[dst + "mlp/bi"] = Source((src + "mlp.fc1.bias",))
-    m[dst + "mlp/wo"] = Source((src + "mlp.fc2.weight",), _linear())
+    m[dst + "mlp/wo"] = Source((src + "mlp.fc2.weight",), *_linear())
     m[dst + "mlp/bo"] = Source((src + "mlp.fc2.bias",))
   m["vision/norm/scale"] = Source(("vision_tower.post_layernorm.weight",))
   m["vision/norm/bias"] = Source(("vision_tower.post_layernorm.bias",))
-  m["projection/kernel"] = Source(("multi_modal_projector.linear.weight",), _linear())
+  m["projection/kernel"] = Source(("multi_modal_projector.linear.weight",), *_linear())
   m["projection/bias"] = Source(("multi_modal_projector.linear.bias",))
   m["decoder/embedding"] = Source(("language_model.embed_tokens.weight",))
   m["decoder/final_norm/scale"] = Source(("language_model.norm.weight",))
   for i in range(d.depth):
     src, dst = f"language_model.layers.{i}.", f"decoder/layers/{i}/"
-    m[dst + "attn/q_kernel"] = Source((src + "self_attn.q_proj.weight",), _linear(d.num_heads, d.head_dim))
-    m[dst + "attn/k_kernel"] = Source((src + "self_attn.k_proj.weight",), _linear(d.num_kv_heads, d.head_dim))
-    m[dst + "attn/v_kernel"] = Source((src + "self_attn.v_proj.weight",), _linear(d.num_kv_heads, d.head_dim))
-    m[dst + "attn/o_kernel"] = Source((src + "self_attn.o_proj.weight",), _out_linear(d.num_heads, d.head_dim))
-    m[dst + "mlp/wi"] = Source((src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"),
-                               lambda g, u: np.stack([np.asarray(g).T, np.asarray(u).T]))
-    m[dst + "mlp/wo"] = Source((src + "mlp.down_proj.weight",), _linear())
+    m[dst + "attn/q_kernel"] = Source((src + "self_attn.q_proj.weight",), *_linear(d.num_heads, d.head_dim))
+    m[dst + "attn/k_kernel"] = Source((src + "self_attn.k_proj.weight",), *_linear(d.num_kv_heads, d.head_dim))
+    m[dst + "attn/v_kernel"] = Source((src + "self_attn.v_proj.weight",), *_linear(d.num_kv_heads, d.head_dim))
+    m[dst + "attn/o_kernel"] = Source((src + "self_attn.o_proj.weight",), *_out_linear(d.num_heads, d.head_dim))
+    m[dst + "mlp/wi"] = Source((src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"), *_gated_mlp())
+    m[dst + "mlp/wo"] = Source((src + "mlp.down_proj.weight",), *_linear())
     m[dst + "pre_attn_norm/scale"] = Source((src + "input_layernorm.weight",))
     if d.post_norms:  # Gemma-2
       m[dst + "post_attn_norm/scale"] = Source((src + "post_attention_layernorm.weight",))
@@ -320,3 +346,130 @@ def load_hf_checkpoint(path: str, params, model_cfg, *, shardings=None, donate: 
   return common.assemble(params, param_mapping(model_cfg), store, model_cfg, shardings=shardings,
                          allow_missing=allow_missing, ignore_unused=IGNORED, source_desc=path,
                          donate=donate)
+
+
+# ----------------------------------------------------------------------------- export
+
+# What our model can hold that HF PaliGemma cannot (each check names the config field):
+#   refused   vision.center_input, vision.attn_window (windowed ViT attention),
+#             decoder.prefix_token_shift > 0; with a Gemma-1 decoder (post_norms off) also
+#             decoder.attn_softcap, final_softcap, local_global and a query_scale other
+#             than head_dim ** -0.5; decoder.window_prefix='window' with local layers (HF
+#             exempts the prefix from the window), unless named in ``allow``: the logits
+#             then agree only while every prefix is shorter than sliding_window.
+#   converted vision.posemb='sincos2d' -> the fixed table written as the learned
+#             position_embedding (exact: HF adds the same float32 table);
+#             decoder.query_scale -> query_pre_attn_scalar = query_scale ** -2;
+#             decoder.sliding_window without local_global (unused) -> every layer global.
+ALLOWABLE = ("decoder.window_prefix",)
+
+
+def unrepresentable(model_cfg, allow=()) -> list[str]:
+  """The fields of ``model_cfg`` HF PaliGemma cannot express, each with why ([] = exportable)."""
+  bad = [a for a in allow if a not in ALLOWABLE]
+  if bad:
+    raise ValueError(f"allow={bad[0]!r} is unknown; allowed: {', '.join(ALLOWABLE)}")
+  v, d = model_cfg.vision, model_cfg.decoder
+  out = []
+  if v.center_input:
+    out.append("vision.center_input=True: HF SigLIP does not subtract each image's mean colour")
+  if v.attn_window and v.global_blocks < v.depth:
+    out.append(f"vision.attn_window={v.attn_window}: HF SigLIP blocks attend globally")
+  if d.prefix_token_shift:
+    out.append(f"decoder.prefix_token_shift={d.prefix_token_shift}: Gemma embeds each token alone")
+  if not d.post_norms:  # Gemma-1
+    for name in ("attn_softcap", "final_softcap"):
+      if getattr(d, name):
+        out.append(f"decoder.{name}={getattr(d, name)}: HF Gemma (post_norms=False) has no soft-cap")
+    if d.local_global:
+      out.append("decoder.local_global=True: HF Gemma (post_norms=False) has no local layers")
+    if d.query_scale and abs(d.query_scale - d.head_dim ** -0.5) > 1e-12:
+      out.append(f"decoder.query_scale={d.query_scale}: HF Gemma (post_norms=False) scales queries "
+                 f"by head_dim ** -0.5 = {d.head_dim ** -0.5}")
+  elif d.local_global and d.window_prefix == "window" and "decoder.window_prefix" not in allow:
+    out.append("decoder.window_prefix='window': HF's local layers exempt the prefix from the "
+               f"window (window_prefix='full'); equal only while every prefix is shorter than "
+               f"sliding_window={d.sliding_window} (allow 'decoder.window_prefix' to export anyway)")
+  return out
+
+
+def default_image_token(vocab_size: int) -> int:
+  """PaliGemma's ``<image>`` id (257152) when the vocabulary holds it, else ``vocab_size``: an
+  id no text token has, which HF's PaliGemma maps to padding before the embedding lookup."""
+  return 257_152 if vocab_size > 257_152 else vocab_size
+
+
+def hf_config(model_cfg, *, image_token_index: int | None = None, dtype: str = "float32") -> dict:
+  """The ``config.json`` of a ``PaliGemmaForConditionalGeneration`` equal to ``model_cfg``
+  (the inverse of ``config_from_hf``; check ``unrepresentable`` first)."""
+  v, d = model_cfg.vision, model_cfg.decoder
+  image_token = default_image_token(d.vocab_size) if image_token_index is None else int(image_token_index)
+  if image_token < 0:
+    raise ValueError(f"image_token_index={image_token} must be >= 0")
+  vision = dict(model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,
+                num_hidden_layers=v.depth, num_attention_heads=v.num_heads, image_size=v.image_size,
+                patch_size=v.patch_size, num_channels=3, hidden_act="gelu_pytorch_tanh",
+                layer_norm_eps=_EPS, attention_dropout=0.0, projection_dim=d.width,
+                vision_use_head=False)
+  text = dict(vocab_size=d.vocab_size, hidden_size=d.width, intermediate_size=d.mlp_dim,
+              num_hidden_layers=d.depth, num_attention_heads=d.num_heads,
+              num_key_value_heads=d.num_kv_heads, head_dim=d.head_dim, rms_norm_eps=_EPS,
+              rope_parameters={"rope_type": "default", "rope_theta": float(d.rope_base)},
+              attention_bias=False, attention_dropout=0.0, max_position_embeddings=8192,
+              num_image_tokens=v.grid_size ** 2, tie_word_embeddings=True,
+              use_bidirectional_attention=True, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+  if d.post_norms:
+    scalar = (d.query_scale or d.head_dim ** -0.5) ** -2
+    scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar
+    local = [d.is_local(i) for i in range(d.depth)]
+    text.update(model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
+                query_pre_attn_scalar=scalar, attn_logit_softcapping=d.attn_softcap,
+                final_logit_softcapping=d.final_softcap,
+                sliding_window=d.sliding_window if d.local_global else None,
+                layer_types=["sliding_attention" if x else "full_attention" for x in local])
+  else:
+    text.update(model_type="gemma", hidden_act="gelu_pytorch_tanh")
+  return dict(architectures=["PaliGemmaForConditionalGeneration"], model_type="paligemma",
+              dtype=dtype, hidden_size=d.width, image_token_index=image_token,
+              projection_dim=d.width, vocab_size=d.vocab_size, tie_word_embeddings=True,
+              text_config=text, vision_config=vision)
+
+
+def saved_name(canonical: str) -> str:
+  """Canonical tensor name -> the name transformers' ``save_pretrained`` writes."""
+  if canonical.startswith("language_model."):
+    return "language_model.model." + canonical[len("language_model."):]
+  return canonical
+
+
+def export_hf(params, model_cfg, out_dir: str, *, image_token_index: int | None = None,
+              allow=(), max_shard_bytes: int = 0) -> list[common.Written]:
+  """Writes the backbone of ``params`` (any layout, sharded or not) as a PaliGemma directory
+  that ``PaliGemmaForConditionalGeneration.from_pretrained`` and ``load_hf_checkpoint`` read.
+
+  Writes ``config.json`` (``hf_config``) and ``model.safetensors`` (or, with
+  ``max_shard_bytes`` > 0, ``model-0000i-of-0000n.safetensors`` and
+  ``model.safetensors.index.json``) with the tensors of ``param_mapping``, in their dtype;
+  the tied ``lm_head`` is not written (as ``save_pretrained``). Connector parameters are
+  not part of it (``connector.export_connector`` writes them). Fields HF cannot express
+  raise ValueError naming them (see ``unrepresentable``); ``allow`` accepts the named
+  inexact ones. Returns what was written.
+  """
+  problems = unrepresentable(model_cfg, allow)
+  if problems:
+    raise ValueError("the model cannot be written as a Hugging Face PaliGemma: " + "; ".join(problems))
+  flat = common.unscan(common.host_params(params), model_cfg)
+  flat = {p: x for p, x in flat.items() if not p.startswith("connector/")}
+  v = model_cfg.vision
+  if v.posemb != "learn":  # the fixed table our ViT adds, as HF's learned one
+    dtype = flat["vision/patch_kernel"].dtype
+    flat["vision/posemb"] = np.asarray(layers.sincos_2d(v.grid_size, v.width)).astype(dtype)
+    model_cfg = dataclasses.replace(model_cfg, vision=dataclasses.replace(v, posemb="learn"))
+  dtype = str(flat["decoder/embedding"].dtype)
+  os.makedirs(out_dir, exist_ok=True)
+  written = [common.write_json(os.path.join(out_dir, "config.json"),
+                               hf_config(model_cfg, image_token_index=image_token_index, dtype=dtype))]
+  tensors = ((saved_name(n), x) for n, x in common.export_tensors(flat, param_mapping(model_cfg)))
+  written += common.write_safetensors_shards(out_dir, "model", tensors, max_shard_bytes,
+                                             metadata={"format": "pt"})
+  return written
