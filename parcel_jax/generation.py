@@ -6,7 +6,9 @@ projection -> ``decoder.prefill`` over ``[visual; BOS question SEP]`` (the PaliG
 prefix, attended bidirectionally) -> greedy ``decode_step``s with the KV cache until
 EOS or ``max_new_tokens``.
 
-Use: ``generate(run, image, question, budgets)`` with a ``runs.Run``.
+Use: ``generate(run, image, question, budgets)`` with a ``runs.Run``. ``decode_batch``
+decodes a batch whose rows have their own budgets and prompt lengths in one bucket
+(``parcel_jax.serving`` batches requests of mixed budgets with it).
 """
 
 from __future__ import annotations
