@@ -62,7 +62,7 @@ def _score(graphdef, params, features, batch, budget_vec, bucket):
   the largest answer-token cross-entropy (b,) (``max_nll``: the least likely answer token)."""
   model = nnx.merge(graphdef, params)
   logits = model.text_logits(features, batch["text"], batch["text_mask"], batch["ar_mask"],
-                             bucket=bucket, budgets=budget_vec)
+                             bucket=bucket, budgets=budget_vec, has_image=batch.get("has_image"))
   nll = jnp.where(batch["loss_mask"], losses.token_cross_entropy(logits, batch["targets"]), 0.0)
   return {**losses.per_example_scores(logits, batch["targets"], batch["loss_mask"]),
           "max_nll": jnp.max(nll, axis=-1)}
@@ -127,7 +127,8 @@ def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, me
   Returns:
     ``{"method", "num_examples", "budgets": {str(B): {"overall": em, family: em, ...}},
     "token_metrics": {str(B): {"loss", "token_accuracy"}}}``; exact match in [0, 1],
-    loss the mean suffix cross-entropy per token. With ``per_example`` also
+    loss the mean suffix cross-entropy per token; real data adds ``"data"``, the eval
+    stream's bad-data counts (``pipeline.data_metrics``). With ``per_example`` also
     ``"per_example": {"budgets" (k,), "index" (n,) eval-stream index, "family" (n,),
     "correct" (n, k) bool exact match, "answer_prob" (n, k) the product and
     "min_token_prob" (n, k) the minimum of the answer tokens' probabilities (EOS included)
@@ -178,6 +179,12 @@ def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, me
                              "token_accuracy": float(cat["correct"].sum() / tokens)}
   out = {"method": spec.method, "num_examples": int(families.size), "budgets": results,
          "token_metrics": token_metrics}
+  counts = pipeline.data_metrics(dataset)  # real data: bad examples skipped per kind
+  if counts:
+    if jax.process_count() > 1 and not batch_spec.is_fully_replicated:  # each read its share
+      counts = dict(zip(counts, multihost_utils.process_allgather(
+          np.asarray(list(counts.values()), np.int64)).sum(0).tolist()))
+    out["data"] = counts
   if per_example:
     column = lambda key: np.stack([np.concatenate(sums[b][key])[valid] for b in budgets], axis=1)
     index = _row_index(num_batches, valid.size // max(num_batches, 1), not batch_spec.is_fully_replicated)

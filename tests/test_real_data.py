@@ -171,7 +171,7 @@ def llava(tmp_path_factory):
       ("unreadable_image", {"image": img("n.png", "notimage"), "conversations": _turns("q", "a")}),
       ("malformed_record", "just a string"),
       ("malformed_record", {"image": img("f.png", "rgb"), "conversations": _turns("q", "a")[::-1]}),
-      ("missing_field", {"conversations": _turns("text only", "a")}),
+      ("missing_field", {"image": img("j.png", "rgb"), "id": "no conversations"}),
       ("missing_field", {"image": img("g.png", "rgb"), "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}),
       ("empty_answer", {"image": img("h.png", "rgb"), "conversations": _turns("q", "   ")}),
       ("text_too_long", {"image": img("i.png", "rgb"), "conversations": _turns("describe", LONG)}),
@@ -184,10 +184,12 @@ def llava(tmp_path_factory):
 
 
 def _cfg(name, path, tok_dir, **kw):
+  """A real-data config; LLaVA examples one per exchange (the fixture's indices), unless
+  ``conversation`` says otherwise."""
   return ml_collections.ConfigDict({**dict(
       name=name, image_size=S, max_text_len=MAX_LEN, train_path=path, eval_path=path,
       tokenizer=tok_dir, on_error="raise", max_skip_fraction=1.0, long_text="reject",
-      train_size=1, eval_size=1, families=()), **kw})
+      train_size=1, eval_size=1, families=(), conversation="single_exchange"), **kw})
 
 
 def test_llava_source_records(llava, tok_dir):

@@ -13,6 +13,8 @@ Batches are dicts of numpy arrays (b = per-process batch, L = max_text_len):
   text_mask, ar_mask, loss_mask (b, L) bool; family (b,) int32 index into
   ``synthetic.FAMILIES`` (real data: -1, one family 'all', so metrics report 'overall'
   only). Eval batches add valid (b,) bool (False on padding and on skipped bad examples).
+  Real-data batches add has_image (b,) bool: False for a text-only example (its image is
+  zeros and the model masks every visual slot out, whatever the budget; ``vlm.VLM``).
 
 Sources (``data.name``): ``synthetic`` (procedural, ``data/synthetic.py``), ``llava``
 (LLaVA JSON + image folder), ``jsonl`` (big_vision-style jsonl), ``tfds`` (TFDS
@@ -27,7 +29,10 @@ defaults in ``REAL_DATA_DEFAULTS``)::
   (paths and folders may be local or cloud URIs, gs:// / s3://, read through etils.epath)
   data.on_error                      raise | skip   (bad examples, see below)
   data.max_skip_fraction             skip: error once skipped > fraction x max(seen, min(len, 1000))
-  data.long_text                     truncate (cut the suffix tail) | reject (a bad example)
+  data.long_text                     truncate (drop trailing turns, then cut the suffix tail)
+                                     | reject (a bad example)
+  data.conversation                  llava: multi_turn (one example per record, every answer
+                                     supervised) | single_exchange (one per exchange)
 
 Real examples use PaliGemma's layout (``gemma_tokenizer.layout_example``). Bad examples
 (``images.BAD_KINDS``: missing / corrupt / unreadable images, malformed records, missing
@@ -37,7 +42,10 @@ file, the example and the problem (``raise``), or are dropped and counted per ki
 a ``BadDataStats`` (``dataset.bad_data_stats``; ``data_metrics(dataset)`` for logs).
 Skipping happens after the per-process slice, so with skipped examples the processes'
 k-th batches are no longer exactly a single-process run's k-th batch (each is still full,
-deterministic and resumable).
+deterministic and resumable). Train counts are those of the examples consumed so far (not
+of read-ahead) and are part of the iterator's state: the checkpoint holds them (per
+process, as Grain's state), a resumed run continues them, and ``max_skip_fraction`` is
+judged over the whole run.
 
 Numpy only: Grain workers must never import JAX.
 """
@@ -50,7 +58,7 @@ import grain
 import numpy as np
 
 from parcel_jax import paths
-from parcel_jax.data import gemma_tokenizer, images, synthetic
+from parcel_jax.data import gemma_tokenizer, images, llava, synthetic
 from parcel_jax.data import tokenizer as tokenizer_lib
 
 DATASETS = ('synthetic', 'llava', 'jsonl', 'tfds')
@@ -61,7 +69,7 @@ REAL_DATA_DEFAULTS = dict(
     train_path='', eval_path='', image_root='', tfds_name='', tfds_data_dir='',
     train_split='train', eval_split='validation', image_key='image', prefix_key='prefix',
     suffix_key='suffix', tokenizer='', on_error='raise', max_skip_fraction=0.01,
-    long_text='truncate')
+    long_text='truncate', conversation='multi_turn')
 REAL_FAMILY = -1  # real data has one family, 'all'
 SKIP_CHECK_MIN_SEEN = 1000
 
@@ -79,6 +87,7 @@ def _validate_real(data_cfg) -> None:
   if _get(data_cfg, 'long_text') not in gemma_tokenizer.LONG_TEXT_POLICIES:
     raise ValueError(f"data.long_text={_get(data_cfg, 'long_text')!r} is unknown; allowed: "
                      f"{', '.join(gemma_tokenizer.LONG_TEXT_POLICIES)}")
+  llava.check_conversation(_get(data_cfg, 'conversation'))
   if not 0 <= _get(data_cfg, 'max_skip_fraction') <= 1:
     raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {_get(data_cfg, 'max_skip_fraction')}")
   if not _get(data_cfg, 'tokenizer'):
@@ -126,8 +135,8 @@ class BadDataError(ValueError):
 
 
 class BadDataStats:
-  """Thread-safe counts of examples read, skipped (per kind) and truncated, in this process
-  (Grain's prefetch threads share it; ``mp_prefetch`` worker processes keep their own)."""
+  """Thread-safe counts of examples read, skipped (per kind) and truncated, in this process.
+  Train: counted as batches are consumed, saved and restored with the iterator's state."""
 
   def __init__(self):
     self._lock = threading.Lock()
@@ -159,13 +168,28 @@ class BadDataStats:
       return {'seen': self.seen, 'truncated': self.truncated, 'skipped': self.total_skipped,
               **{f'skipped_{k}': v for k, v in self.skipped.items()}}
 
+  def get_state(self) -> dict:
+    """The counts as JSON-able data (a part of the train iterator's checkpointed state)."""
+    with self._lock:
+      return {'seen': self.seen, 'truncated': self.truncated, 'skipped': dict(self.skipped)}
+
+  def set_state(self, state: dict) -> None:
+    """Continues from ``get_state()``'s counts (kinds unknown here are an error)."""
+    unknown = sorted(set(state['skipped']) - set(images.BAD_KINDS))
+    if unknown:
+      raise ValueError(f'saved bad-data counts name unknown kinds {unknown}; kinds: {images.BAD_KINDS}')
+    with self._lock:
+      self.seen, self.truncated = int(state['seen']), int(state['truncated'])
+      self.skipped = {k: int(state['skipped'].get(k, 0)) for k in images.BAD_KINDS}
+
   def __repr__(self) -> str:
     return f'BadDataStats({self.as_dict()})'
 
 
 class ExampleSource:
   """A real source with decoded images: ``source[i]`` -> dict(image (S, S, 3) float32 in
-  [-1, 1], question (the prefix), answer (the suffix), family -1, index), or raises
+  [-1, 1] (zeros for a text-only example), has_image, question (the prefix), answer (the
+  suffix), turns (later (prompt, answer) exchanges), family -1, index), or raises
   ``images.BadExample``. ``path`` and ``describe(i)`` name the file and the example."""
 
   def __init__(self, raw, image_size: int):
@@ -182,8 +206,11 @@ class ExampleSource:
   def __getitem__(self, index: int) -> dict:
     index = int(index)
     rec = self.raw[index]
-    return {'image': images.decode_image(rec['image'], self.image_size),
-            'question': rec['prefix'], 'answer': rec['suffix'],
+    has_image = rec['image'] is not None
+    image = (images.decode_image(rec['image'], self.image_size) if has_image
+             else np.zeros((self.image_size, self.image_size, 3), np.float32))
+    return {'image': image, 'has_image': np.bool_(has_image),
+            'question': rec['prefix'], 'answer': rec['suffix'], 'turns': tuple(rec.get('turns', ())),
             'family': np.int32(REAL_FAMILY), 'index': np.int64(index)}
 
   def __repr__(self) -> str:
@@ -208,8 +235,7 @@ def _real_source(data_cfg, split: str) -> ExampleSource:
     if _get(data_cfg, 'image_root'):
       paths.check_access(_get(data_cfg, 'image_root'), 'data.image_root')
     if name == 'llava':
-      from parcel_jax.data import llava
-      raw = llava.LlavaSource(path, _get(data_cfg, 'image_root'))
+      raw = llava.LlavaSource(path, _get(data_cfg, 'image_root'), _get(data_cfg, 'conversation'))
     else:
       from parcel_jax.data import jsonl
       raw = jsonl.JsonlSource(path, _get(data_cfg, 'image_root'), **keys)
@@ -281,8 +307,19 @@ class _Encode(grain.transforms.Map):
     return {'image': record['image'], **text, 'family': record['family']}
 
 
+class _Read:
+  """One read real example: ``example`` (the model inputs) or, when bad, ``bad_kind`` and
+  ``where`` (file, example and problem); ``truncated`` as ``layout_example`` says."""
+
+  __slots__ = ('example', 'bad_kind', 'where', 'truncated')
+
+  def __init__(self, example=None, bad_kind=None, where='', truncated=False):
+    self.example, self.bad_kind, self.where, self.truncated = example, bad_kind, where, truncated
+
+
 class _EncodeReal(grain.transforms.Map):
-  """Index -> encoded real example, or None (skipped) / BadDataError (raised) when bad."""
+  """Index -> ``_Read`` (the encoded real example, or what was bad with it); BadDataError
+  under data.on_error=raise. ``count`` applies the skip policy to a read."""
 
   def __init__(self, source: ExampleSource, data_cfg, stats: BadDataStats):
     self._source = source
@@ -293,12 +330,13 @@ class _EncodeReal(grain.transforms.Map):
     self._max_skip = float(_get(data_cfg, 'max_skip_fraction'))
     self._stats = stats
 
-  def encode(self, index: int) -> dict | None:
+  def read(self, index: int) -> _Read:
     try:
       record = self._source[index]
       try:
         text, truncated = gemma_tokenizer.layout_example(
-            self._tokenizer, record['question'], record['answer'], self._max_len, self._long_text)
+            self._tokenizer, record['question'], record['answer'], self._max_len, self._long_text,
+            turns=record['turns'])
       except gemma_tokenizer.TextTooLong as e:
         raise images.BadExample('text_too_long', str(e)) from e
     except images.BadExample as e:
@@ -306,18 +344,64 @@ class _EncodeReal(grain.transforms.Map):
       if self._on_error == 'raise':
         raise BadDataError(f'{where}: {e.kind}: {e.message} (data.on_error=raise; set '
                            f'data.on_error=skip to drop such examples)') from e
-      seen, skipped = self._stats.record(bad_kind=e.kind)
-      limit = self._max_skip * max(seen, min(len(self._source), SKIP_CHECK_MIN_SEEN))
-      if skipped > limit:
-        raise BadDataError(f'{self._source.path}: skipped {skipped} bad examples of {seen} read, more '
-                           f'than data.max_skip_fraction={self._max_skip} allows; last: {where}: '
-                           f'{e.kind}: {e.message}; counts: {self._stats.as_dict()}') from e
-      return None
-    self._stats.record(truncated=truncated)
-    return {'image': record['image'], **text, 'family': record['family']}
+      return _Read(bad_kind=e.kind, where=f'{where}: {e.kind}: {e.message}')
+    return _Read({'image': record['image'], **text, 'family': record['family'],
+                  'has_image': record['has_image']}, truncated=truncated)
 
-  def map(self, index) -> dict | None:
-    return self.encode(int(index))
+  def count(self, read: _Read) -> dict | None:
+    """Counts ``read`` in the stats -> its example, or None if it is skipped; BadDataError
+    once the skipped examples pass data.max_skip_fraction."""
+    seen, skipped = self._stats.record(bad_kind=read.bad_kind, truncated=read.truncated)
+    if read.bad_kind is None:
+      return read.example
+    limit = self._max_skip * max(seen, min(len(self._source), SKIP_CHECK_MIN_SEEN))
+    if skipped > limit:
+      raise BadDataError(f'{self._source.path}: skipped {skipped} bad examples of {seen} read, more '
+                         f'than data.max_skip_fraction={self._max_skip} allows; last: {read.where}; '
+                         f'counts: {self._stats.as_dict()}')
+    return None
+
+  def encode(self, index: int) -> dict | None:
+    return self.count(self.read(index))
+
+  def map(self, index) -> _Read:
+    return self.read(int(index))
+
+
+class _CountedIterator(grain.DatasetIterator):
+  """Counts reads as they are consumed and yields the good examples; the counts are a part
+  of the state, so a restored iterator continues them. (``_stats`` is Grain's own.)"""
+
+  def __init__(self, parent, encode: _EncodeReal, stats: BadDataStats):
+    super().__init__(parent)
+    self._encode, self._counts = encode, stats
+
+  def __next__(self) -> dict:
+    while True:
+      example = self._encode.count(next(self._parent))
+      if example is not None:
+        return example
+
+  def get_state(self) -> dict:
+    return {'reads': self._parent.get_state(), 'bad_data': self._counts.get_state()}
+
+  def set_state(self, state) -> None:
+    if isinstance(state, dict) and set(state) == {'reads', 'bad_data'}:
+      self._parent.set_state(state['reads'])
+      self._counts.set_state(state['bad_data'])
+    else:  # a checkpoint written before the counts were saved: they start at zero
+      self._parent.set_state(state)
+
+
+class _Counted(grain.IterDataset):
+  """The train stream of reads -> good examples, counted (``_CountedIterator``)."""
+
+  def __init__(self, parent: grain.IterDataset, encode: _EncodeReal, stats: BadDataStats):
+    super().__init__(parent)
+    self._encode, self._counts = encode, stats
+
+  def __iter__(self) -> _CountedIterator:
+    return _CountedIterator(self._parent.__iter__(), self._encode, self._counts)
 
 
 def data_metrics(dataset) -> dict[str, int]:
@@ -331,8 +415,10 @@ def _build_real_train(data_cfg, *, seed, global_batch_size, process_index, proce
   source = build_source(data_cfg, 'train')
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
   ds = ds[process_index::process_count]
-  ds = ds.map(_EncodeReal(source, data_cfg, stats))   # None = skipped, dropped below
-  ds = ds.to_iter_dataset(read_options)
+  encode = _EncodeReal(source, data_cfg, stats)
+  # Reads (good or bad) are prefetched; they are counted, and the bad ones dropped, as they
+  # are consumed, so the counts match the iterator's state exactly.
+  ds = _Counted(ds.map(encode).to_iter_dataset(read_options), encode, stats)
   return ds.batch(global_batch_size // process_count, drop_remainder=True)
 
 
@@ -399,7 +485,7 @@ class _RealEvalRecord(grain.transforms.Map):
     return {'image': np.zeros((self._size, self._size, 3), np.float32),
             'text': np.full(self._max_len, self._pad, np.int32), 'text_mask': zeros,
             'ar_mask': zeros, 'targets': np.full(self._max_len, self._pad, np.int32),
-            'loss_mask': zeros, 'family': np.int32(REAL_FAMILY)}
+            'loss_mask': zeros, 'family': np.int32(REAL_FAMILY), 'has_image': np.bool_(False)}
 
   def map(self, index) -> dict:
     index = int(index)

@@ -6,6 +6,9 @@ Layout of one example, length ``max_len``::
   ar_mask     F  F  ..  F  F  T  ..  T  T   F  ..   prefix attends fully, suffix causally
   loss_mask   F  F  ..  F  T  T  ..  T  F   F  ..   positions whose *target* is a1..am or EOS
   targets    text shifted left by one (PAD at the end)
+
+(``prefix_lm_arrays``' ``suffix_targets`` leaves parts of the suffix unsupervised: the later
+prompts of a multi-turn conversation, ``gemma_tokenizer.layout_example``.)
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ class WordTokenizer:
     return f'WordTokenizer(vocab_size={self.vocab_size})'
 
 
-def synthetic_tokenizer() -> WordTokenizer:
-  return WordTokenizer(synthetic.vocabulary())
+def synthetic_tokenizer(families=()) -> WordTokenizer:
+  """The word list of the synthetic ``families`` (() = the default mixture)."""
+  return WordTokenizer(synthetic.vocabulary(families))
 
 
 def encode_example(tokenizer: WordTokenizer, question: str, answer: str,
@@ -84,17 +88,29 @@ def encode_example(tokenizer: WordTokenizer, question: str, answer: str,
 
 
 def prefix_lm_arrays(prefix_ids: Sequence[int], suffix_ids: Sequence[int], max_len: int,
-                     pad_id: int) -> dict[str, np.ndarray]:
+                     pad_id: int, suffix_targets: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
   """The layout in the module docstring for ``prefix_ids`` (BOS .. SEP) followed by
-  ``suffix_ids`` (.. EOS), which together fit in ``max_len``; arrays of shape (max_len,)."""
+  ``suffix_ids`` (.. EOS), which together fit in ``max_len``; arrays of shape (max_len,).
+
+  ``suffix_targets`` (one bool per suffix id; default all True) marks the suffix ids that
+  are supervised: ``loss_mask`` is True where the *target* is one of them. A multi-turn
+  conversation puts its later prompts in the suffix (causal) with their targets False.
+  """
   n, start = len(prefix_ids) + len(suffix_ids), len(prefix_ids)
   text = np.full(max_len, pad_id, np.int32)
   text[:n] = [*prefix_ids, *suffix_ids]
   pos = np.arange(max_len)
+  supervised = np.zeros(max_len + 1, bool)  # by the position of the target token
+  if suffix_targets is None:
+    supervised[start:n] = True
+  else:
+    if len(suffix_targets) != len(suffix_ids):
+      raise ValueError(f'suffix_targets has {len(suffix_targets)} entries for {len(suffix_ids)} suffix ids')
+    supervised[start:n] = np.asarray(suffix_targets, bool)
   return {
       'text': text,
       'text_mask': pos < n,
       'ar_mask': (pos >= start) & (pos < n),
       'targets': np.append(text[1:], np.int32(pad_id)),
-      'loss_mask': (pos >= start - 1) & (pos < n - 1),
+      'loss_mask': supervised[1:],
   }

@@ -5,6 +5,8 @@ and the text prefix attend to each other fully; the suffix is causal. Masked
 visual slots (beyond an example's budget) are invalid tokens for the decoder:
 they neither attend nor are attended to and do not advance positions, so a
 bucketed forward pass equals the compact one on every valid position.
+``has_image`` (b,) False marks a text-only example: all its visual slots are
+masked so, whatever its (dummy) image and budget, it equals a text-only run.
 """
 
 from __future__ import annotations
@@ -132,11 +134,15 @@ class VLM(nnx.Module):
     return sharding.constrain(self.projection(tokens), layers.BTD), mask
 
   def decoder_inputs(self, features: Array, text: Array, text_mask: Array, *, bucket: Bucket,
-                     budgets: Array, ar_mask: Array | None = None) -> tuple[Array, Array]:
+                     budgets: Array, ar_mask: Array | None = None,
+                     has_image: Array | None = None) -> tuple[Array, Array]:
     """The decoder's input sequence ``[visual tokens (bucket.num_slots); embedded text (L)]``
     (b, slots + L, Dl) and its validity mask (b, slots + L). ``ar_mask`` (b, L) marks the
-    causal suffix; None = the text is all prompt (prefill)."""
+    causal suffix; None = the text is all prompt (prefill). ``has_image`` (b,) False masks
+    every visual slot of that example (text-only); None = every example has its image."""
     visual, visual_mask = self.visual_tokens(features, bucket, budgets)
+    if has_image is not None:
+      visual_mask = visual_mask & has_image.astype(bool)[:, None]
     prompt = text_mask.astype(bool)
     if ar_mask is not None:
       prompt = prompt & ~ar_mask.astype(bool)
@@ -145,37 +151,38 @@ class VLM(nnx.Module):
     return x, jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
 
   def text_hidden(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
-                  bucket: Bucket, budgets: Array) -> Array:
+                  bucket: Bucket, budgets: Array, has_image: Array | None = None) -> Array:
     """The decoder's final hidden states (after the final norm) at the text positions,
     (b, L, Dl), given precomputed vision features; ``text_logits`` applies the head."""
     b = text.shape[0]
     x, input_mask = self.decoder_inputs(features, text, text_mask, bucket=bucket, budgets=budgets,
-                                        ar_mask=ar_mask)
+                                        ar_mask=ar_mask, has_image=has_image)
     ar = jnp.concatenate([jnp.zeros((b, bucket.num_slots), bool), ar_mask.astype(bool)], axis=1)
     hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
     return hidden[:, bucket.num_slots:]
 
   def text_logits(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
-                  bucket: Bucket, budgets: Array) -> Array:
+                  bucket: Bucket, budgets: Array, has_image: Array | None = None) -> Array:
     """Logits over the text positions given precomputed vision features.
 
     Args:
       features: (b, g, g, Dv) from ``encode_images`` (evaluation reuses them for every budget).
       text, text_mask, ar_mask: (b, L); ``ar_mask`` True marks causal (suffix) tokens.
       bucket: static visual layout; budgets: (b,) int32 visual tokens per example.
+      has_image: (b,) bool, False for a text-only example (no visual tokens); None = all True.
     Returns: (b, L, vocab).
     """
     b, length = text.shape
     logits = self.decoder.logits(self.text_hidden(features, text, text_mask, ar_mask,
-                                                  bucket=bucket, budgets=budgets))
+                                                  bucket=bucket, budgets=budgets, has_image=has_image))
     chex.assert_shape(logits, (b, length, self.cfg.decoder.vocab_size))
     return logits
 
   def __call__(self, images: Array, text: Array, text_mask: Array, ar_mask: Array, *,
-               bucket: Bucket, budgets: Array) -> Array:
+               bucket: Bucket, budgets: Array, has_image: Array | None = None) -> Array:
     """images (b, H, W, 3), text/masks (b, L), budgets (b,) -> logits (b, L, vocab)."""
     return self.text_logits(self.encode_images(images), text, text_mask, ar_mask,
-                            bucket=bucket, budgets=budgets)
+                            bucket=bucket, budgets=budgets, has_image=has_image)
 
 
 def parameter_counts(model: VLM) -> dict[str, int]:
