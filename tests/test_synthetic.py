@@ -37,8 +37,8 @@ def test_deterministic_per_split_and_index():
 def test_families_roughly_uniform_and_restrictable():
   n = 1500
   counts = collections.Counter(syn.generate('train', i).family for i in range(n))
-  assert set(counts) == set(syn.FAMILIES)
-  expected = n / len(syn.FAMILIES)
+  assert set(counts) == set(syn.DEFAULT_FAMILIES)
+  expected = n / len(syn.DEFAULT_FAMILIES)
   for family, count in counts.items():  # binomial sd ~ 15.5; allow > 5 sd
     assert abs(count - expected) < 80, (family, count)
   only = {syn.generate('eval', i, families=('relation', 'mixed')).family for i in range(50)}
@@ -53,7 +53,7 @@ def test_family_weights_skew_the_mixture():
   weights = (3, 1, 1, 0, 1)  # grounding 1/2, counting never
   counts = collections.Counter(syn.generate('train', i, family_weights=weights).family
                                for i in range(n))
-  assert counts['counting'] == 0 and set(counts) == set(syn.FAMILIES) - {'counting'}
+  assert counts['counting'] == 0 and set(counts) == set(syn.DEFAULT_FAMILIES) - {'counting'}
   assert abs(counts['grounding'] / n - 0.5) < 0.05, counts  # binomial sd ~ 0.011
   for family in ('relation', 'detail', 'mixed'):
     assert abs(counts[family] / n - 1 / 6) < 0.04, counts
@@ -228,3 +228,139 @@ def test_longest_synthetic_example_fits_bound():
   lengths = [int(tok_lib.encode_example(tok, e.question, e.answer, 32)['text_mask'].sum())
              for e in (syn.generate('train', i) for i in range(300))]
   assert max(lengths) <= syn.max_text_tokens()
+
+
+# ---------------------------------------------------------------- fine families
+
+
+def _patch_multiset(image, r0, c0, rows, cols, patch):
+  """Sorted bytes of every (patch x patch) block of the pixel region starting at pixel
+  (r0, c0) of size rows x cols: what any position-free per-patch feature map sees there."""
+  region = image[r0:r0 + rows, c0:c0 + cols]
+  blocks = region.reshape(rows // patch, patch, cols // patch, patch, 3).transpose(0, 2, 1, 3, 4)
+  return sorted(b.tobytes() for b in blocks.reshape(-1, patch, patch, 3))
+
+
+def _cell_pooled_features(image, patch, weights):
+  """A random position-free nonlinear feature of every patch, averaged over each cell
+  (4x4 pooling of the 16x16 patch grid, M3 at 16 tokens): (4, 4, k)."""
+  g = image.shape[0] // patch
+  patches = image.reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4).reshape(g, g, -1)
+  feats = np.tanh(patches.astype(np.float64) @ weights)
+  return feats.reshape(4, g // 4, 4, g // 4, -1).mean(axis=(1, 3))
+
+
+def _relabel(layout, moves):
+  """``layout`` with items moved: moves maps an item index to its new (row, col)."""
+  items = list(layout.items)
+  for k, (r, c) in moves.items():
+    items[k] = dataclasses.replace(items[k], row=r, col=c)
+  return dataclasses.replace(layout, items=tuple(items))
+
+
+@pytest.mark.parametrize('family', ['fine_grounding', 'fine_detail', 'reading'])
+def test_fine_families_valid_and_deterministic(family):
+  vocab = set(syn.vocabulary((family,)))
+  max_q, max_a = syn.TEXT_WORDS[family]
+  for split in ('train', 'eval'):
+    for ex in _examples(family, 80, split):
+      assert ex.family == family and ex.answer in syn.answers(family)
+      assert set(ex.question.split()) | set(ex.answer.split()) <= vocab
+      assert len(ex.question.split()) <= max_q and len(ex.answer.split()) <= max_a
+      again = syn.generate(split, ex.index, families=(family,))
+      np.testing.assert_array_equal(ex.image, again.image)
+      assert (again.question, again.answer) == (ex.question, ex.answer)
+  train = {e.image.tobytes() for e in _examples(family, 300, 'train')}
+  assert not train & {e.image.tobytes() for e in _examples(family, 300, 'eval')}
+
+
+def _asked_slot(question):
+  """'what pattern is top left in row2 col3' -> the slot (2, 4)."""
+  words = question.split()
+  cell_row, cell_col = int(words[-2][3:]) - 1, int(words[-1][3:]) - 1
+  return 2 * cell_row + (words[3] == 'bottom'), 2 * cell_col + (words[4] == 'right')
+
+
+def test_fine_detail_answer_matches_layout_and_cell_holds_four_glyphs():
+  answers = collections.Counter()
+  for ex in _examples('fine_detail', 200):
+    glyphs = [it for it in ex.layout.items if it.kind == 'glyph']
+    assert len(glyphs) == 4 and len({g.label for g in glyphs}) == 4
+    assert len({g.cell for g in glyphs}) == 1  # one cell, all four slots
+    assert {(g.row % 2, g.col % 2) for g in glyphs} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    squares = [it for it in ex.layout.items if it.kind == 'square']
+    assert all(sq.cell != glyphs[0].cell for sq in squares)
+    assert [g.label for g in glyphs if _asked_slot(ex.question) == (g.row, g.col)] == [ex.answer]
+    answers[ex.answer] += 1
+  assert set(answers) == set(syn.GLYPHS) and max(answers.values()) < 0.35 * 200
+
+
+def test_fine_detail_arrangement_invisible_to_position_free_pooled_features():
+  """Permuting the four glyphs of the cell changes the answer but neither the cell's patch
+  multiset nor any position-free feature pooled over the cell (4x4 anchors / M3 at 16)."""
+  rng = _fresh_rng()
+  weights = rng.normal(size=(4 * 4 * 3, 16))
+  changed = 0
+  for ex in _examples('fine_detail', 40, 'eval'):
+    glyph_ids = [k for k, it in enumerate(ex.layout.items) if it.kind == 'glyph']
+    slots = [(ex.layout.items[k].row, ex.layout.items[k].col) for k in glyph_ids]
+    perm = rng.permutation(4)
+    moved = _relabel(ex.layout, {k: slots[p] for k, p in zip(glyph_ids, perm)})
+    image = syn.render(moved, 64)
+    r, c = ex.layout.items[glyph_ids[0]].cell
+    assert (_patch_multiset(image, 16 * r, 16 * c, 16, 16, 4)
+            == _patch_multiset(ex.image, 16 * r, 16 * c, 16, 16, 4))
+    np.testing.assert_allclose(_cell_pooled_features(image, 4, weights),
+                               _cell_pooled_features(ex.image, 4, weights), atol=1e-12)
+    asked = _asked_slot(ex.question)
+    new_answer = [it.label for it in moved.items if it.kind == 'glyph' and (it.row, it.col) == asked]
+    changed += new_answer != [ex.answer]
+  assert changed >= 20  # 3/4 of random permutations move another glyph into the asked slot
+
+
+def test_reading_code_matches_layout_and_pairs_alias_inside_cells():
+  rng = _fresh_rng()
+  weights = rng.normal(size=(4 * 4 * 3, 16))
+  for ex in _examples('reading', 60):
+    glyphs = [it for it in ex.layout.items if it.kind == 'glyph']
+    assert len(glyphs) == syn.CODE_LENGTH and len({g.row for g in glyphs}) == 1
+    cols = [g.col for g in glyphs]
+    assert cols == list(range(cols[0], cols[0] + 4)) and cols[0] % 2 == 0
+    assert ex.answer == ' '.join(g.label for g in glyphs)
+    # Swapping the two symbols of the first cell reverses part of the code, not the pooling.
+    ids = [k for k, it in enumerate(ex.layout.items) if it.kind == 'glyph']
+    a, b = ex.layout.items[ids[0]], ex.layout.items[ids[1]]
+    swapped = syn.render(_relabel(ex.layout, {ids[0]: (b.row, b.col), ids[1]: (a.row, a.col)}), 64)
+    np.testing.assert_allclose(_cell_pooled_features(swapped, 4, weights),
+                               _cell_pooled_features(ex.image, 4, weights), atol=1e-12)
+
+
+def test_fine_grounding_answers_the_slot_and_cell_pooling_cannot():
+  rng = _fresh_rng()
+  weights = rng.normal(size=(4 * 4 * 3, 16))
+  for ex in _examples('fine_grounding', 60):
+    target = ex.layout.items[0]
+    assert _colours_in(ex.question) == [target.label]
+    quadrant = ('top' if target.row % 2 == 0 else 'bottom') + (' left' if target.col % 2 == 0 else ' right')
+    assert ex.answer == f'row{target.row // 2 + 1} col{target.col // 2 + 1} {quadrant}'
+    others = {(it.row, it.col) for it in ex.layout.items[1:]}
+    free = [(2 * target.cell[0] + i, 2 * target.cell[1] + j) for i in (0, 1) for j in (0, 1)
+            if (2 * target.cell[0] + i, 2 * target.cell[1] + j) not in others | {(target.row, target.col)}]
+    if not free:
+      continue
+    moved = syn.render(_relabel(ex.layout, {0: free[0]}), 64)
+    np.testing.assert_allclose(_cell_pooled_features(moved, 4, weights),
+                               _cell_pooled_features(ex.image, 4, weights), atol=1e-12)
+  answers = {e.answer for e in _examples('fine_grounding', 600)}
+  assert len(answers) > 56  # nearly all 64 slots occur
+
+
+def test_text_length_bound_follows_the_families():
+  assert syn.vocabulary() == syn.vocabulary(syn.DEFAULT_FAMILIES)  # ids of the default unchanged
+  fine = syn.vocabulary(syn.FINE_FAMILIES)
+  assert fine[:len(syn.vocabulary())] == syn.vocabulary() and len(set(fine)) == len(fine)
+  for families in ((), syn.FINE_FAMILIES, ('reading',)):
+    tok = tok_lib.synthetic_tokenizer(families)
+    exs = [syn.generate('train', i, families=families) for i in range(200)]
+    lengths = [int(tok_lib.encode_example(tok, e.question, e.answer, 32)['text_mask'].sum()) for e in exs]
+    assert max(lengths) == syn.max_text_tokens(families)

@@ -114,11 +114,13 @@ def _validate(data_cfg) -> None:
     if data_cfg[field] <= 0:
       raise ValueError(f'data.{field} must be > 0, got {data_cfg[field]}')
   families = data_cfg.families
-  if families and set(families) - set(synthetic.FAMILIES):
-    raise ValueError(f'data.families must be None, () (= all) or a subset of '
-                     f'{synthetic.FAMILIES}, got {families}')
+  try:
+    families = synthetic.check_families(families)
+  except ValueError:
+    raise ValueError(f'data.families must be () (= the default mixture) or a subset of '
+                     f'{synthetic.FAMILIES}, got {tuple(data_cfg.families)}') from None
   _family_weights(data_cfg)
-  needed = synthetic.max_text_tokens()
+  needed = synthetic.max_text_tokens(families)
   if data_cfg.max_text_len < needed:
     raise ValueError(f'data.max_text_len must be >= {needed} (longest synthetic example), '
                      f'got {data_cfg.max_text_len}')
@@ -252,7 +254,7 @@ def build_tokenizer(data_cfg):
                        f'tokenizer.model or tokenizer.json) for data.name={data_cfg.name!r}')
     paths.check_access(_get(data_cfg, 'tokenizer'), 'data.tokenizer')
     return gemma_tokenizer.GemmaTokenizer(_get(data_cfg, 'tokenizer'))
-  return tokenizer_lib.synthetic_tokenizer()
+  return tokenizer_lib.synthetic_tokenizer(data_cfg.families)
 
 
 def family_names(data_cfg) -> tuple[str, ...]:
@@ -285,7 +287,7 @@ def _family_weights(data_cfg) -> tuple[float, ...] | None:
                      f'families: {synthetic.FAMILIES}')
   if not named:
     return None
-  families = tuple(data_cfg.families) if data_cfg.families else synthetic.FAMILIES
+  families = synthetic.check_families(data_cfg.families)
   weights = tuple(float(named.get(f, 1.0)) for f in families)
   try:
     synthetic.family_probabilities(families, weights)
@@ -297,8 +299,8 @@ def _family_weights(data_cfg) -> tuple[float, ...] | None:
 class _Encode(grain.transforms.Map):
   """Source record -> model inputs (drops the strings, which cannot be batched)."""
 
-  def __init__(self, max_len: int):
-    self._tokenizer = tokenizer_lib.synthetic_tokenizer()
+  def __init__(self, max_len: int, families=()):
+    self._tokenizer = tokenizer_lib.synthetic_tokenizer(families)
     self._max_len = max_len
 
   def map(self, record: dict) -> dict:
@@ -449,7 +451,7 @@ def build_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   source = build_source(data_cfg, 'train')
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   ds = ds[process_index::process_count]
-  ds = ds.map(_Encode(data_cfg.max_text_len))
+  ds = ds.map(_Encode(data_cfg.max_text_len, data_cfg.families))
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   read_options = grain.ReadOptions(num_threads=num_threads,
                                    prefetch_buffer_size=prefetch_buffer_size)
@@ -462,7 +464,7 @@ class _EvalRecord(grain.transforms.Map):
   def __init__(self, source: synthetic.SyntheticSource, num_examples: int, max_len: int):
     self._source = source
     self._num_examples = num_examples
-    self._encode = _Encode(max_len)
+    self._encode = _Encode(max_len, source.families)
 
   def map(self, index) -> dict:
     index = int(index)

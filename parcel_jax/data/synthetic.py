@@ -14,17 +14,44 @@ Objects are solid coloured squares or *glyphs*: textures drawn as
 slot. A glyph therefore never changes the mean colour of any aligned slot (8x8
 block) or cell (16x16 block): pooled tokens see layout and colour, but cannot
 tell glyph classes apart. That is the aliasing the ``detail`` and ``mixed``
-families measure.
+families measure at the pixel level.
+
+Pixel-level aliasing is not enough once a ViT sits in front of the pooling: its features
+are nonlinear, so the mean of a cell's features still says *which* glyph classes are in the
+cell (``detail``'s single glyph survives 4x4 pooling). The fine families ask what only the
+arrangement inside a cell answers, which a pooled anchor keeps only if the ViT learns to
+write position-glyph conjunctions into every token:
+
+* ``fine_detail``: the four slots of one cell hold four different glyphs; the question
+  names the cell and one of its quadrants (``what pattern is top left in row2 col3``). Every
+  permutation of the four glyphs has the same cell mean, pixel for pixel.
+* ``reading``: a code of four glyphs in one slot row, spanning two cells
+  (``read the code`` -> ``checker diag quad diag``): a text line whose symbols pair up inside
+  each cell, as characters do in a pooled document patch.
+* ``fine_grounding``: the answer is a slot, finer than the 4x4 anchor grid: its cell and
+  quadrant (``where exactly is the red square`` -> ``row2 col3 top left``); a square's cell
+  mean is the same in any slot of its cell.
+
+Positions are always cells (``row1 col1`` .. ``row4 col4``), and a slot is a cell's quadrant.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Sequence
 
 import numpy as np
 
-FAMILIES: tuple[str, ...] = ('grounding', 'relation', 'detail', 'counting', 'mixed')
+# Every family, in a fixed order (the ``family`` index of a record points into it). New
+# families are appended so that indices, and the token ids of the vocabulary, stay stable.
+FAMILIES: tuple[str, ...] = ('grounding', 'relation', 'detail', 'counting', 'mixed',
+                             'fine_grounding', 'fine_detail', 'reading')
+# What ``families=()`` samples: the original mixture (the fine families are opt-in by name).
+DEFAULT_FAMILIES: tuple[str, ...] = FAMILIES[:5]
+# The families whose answers need more than one 4x4-pooled anchor can hold (see the module
+# docstring): the mixture that separates pooling from content-aware resampling.
+FINE_FAMILIES: tuple[str, ...] = ('fine_grounding', 'relation', 'fine_detail', 'reading', 'counting')
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     'red': (1.0, -1.0, -1.0),
@@ -152,7 +179,8 @@ def render(layout: Layout, image_size: int = 64) -> np.ndarray:
 # Task families: each takes (rng, background) and returns (items, question, answer).
 
 
-def _cell_words(row: int, col: int) -> str:
+def _coord_words(row: int, col: int) -> str:
+  """A cell's position: 'row2 col3' (1-based)."""
   return f'row{row + 1} col{col + 1}'
 
 
@@ -179,7 +207,7 @@ def _grounding(rng):
   distractors = _other_colours(rng, [target], int(rng.integers(1, 4)))
   slots = _random_slots(rng, 1 + len(distractors))
   items = _squares([target] + distractors, slots)
-  return items, f'where is the {target} square', _cell_words(*items[0].cell)
+  return items, f'where is the {target} square', _coord_words(*items[0].cell)
 
 
 def _relation(rng):
@@ -224,7 +252,53 @@ def _mixed(rng):
     dr, dc = rng.integers(2, size=2)  # which slot of the cell
     items.append(_glyph(rng, name, 2 * (cell // CELLS) + dr, 2 * (cell % CELLS) + dc))
   asked = items[int(rng.integers(count))]
-  return items, f'what pattern is in {_cell_words(*asked.cell)}', asked.label
+  return items, f'what pattern is in {_coord_words(*asked.cell)}', asked.label
+
+
+QUADRANTS: tuple[str, ...] = ('top left', 'top right', 'bottom left', 'bottom right')
+
+
+def _slot_words(row: int, col: int) -> str:
+  """A slot as its cell and quadrant: 'row2 col3 top left'."""
+  return f'{_coord_words(row // 2, col // 2)} {QUADRANTS[2 * (row % 2) + col % 2]}'
+
+
+def _fine_detail(rng):
+  names = [str(n) for n in rng.choice(list(GLYPHS), 4, replace=False)]
+  cell = int(rng.integers(CELLS * CELLS))
+  r0, c0 = 2 * (cell // CELLS), 2 * (cell % CELLS)
+  items = [_glyph(rng, name, r0 + k // 2, c0 + k % 2) for k, name in enumerate(names)]
+  # Squares in other cells, so that the glyph cell must be found, not assumed.
+  free = [(r, c) for r in range(SLOTS) for c in range(SLOTS) if (r // 2, c // 2) != (r0 // 2, c0 // 2)]
+  picks = rng.choice(len(free), int(rng.integers(0, 3)), replace=False)
+  items += _squares(_other_colours(rng, [], len(picks)), [free[int(k)] for k in picks])
+  asked = items[int(rng.integers(4))]
+  quadrant = QUADRANTS[2 * (asked.row % 2) + asked.col % 2]
+  return items, f'what pattern is {quadrant} in {_coord_words(*asked.cell)}', asked.label
+
+
+CODE_LENGTH = 4  # symbols per code: one slot row of two cells
+
+
+def _reading(rng):
+  names = [str(n) for n in rng.choice(list(GLYPHS), CODE_LENGTH)]
+  row = int(rng.integers(SLOTS))
+  c0 = 2 * int(rng.integers(CELLS - 1))  # cell-aligned: the code covers two whole cells' width
+  items = [_glyph(rng, name, row, c0 + k) for k, name in enumerate(names)]
+  # Squares away from the code's cells, as distractors.
+  code_cells = {(row // 2, (c0 + k) // 2) for k in range(CODE_LENGTH)}
+  free = [(r, c) for r in range(SLOTS) for c in range(SLOTS) if (r // 2, c // 2) not in code_cells]
+  picks = rng.choice(len(free), int(rng.integers(0, 3)), replace=False)
+  items += _squares(_other_colours(rng, [], len(picks)), [free[int(k)] for k in picks])
+  return items, 'read the code', ' '.join(names)
+
+
+def _fine_grounding(rng):
+  target = str(rng.choice(list(COLOURS)))
+  distractors = _other_colours(rng, [target], int(rng.integers(1, 4)))
+  slots = _random_slots(rng, 1 + len(distractors))
+  items = _squares([target] + distractors, slots)
+  return items, f'where exactly is the {target} square', _slot_words(items[0].row, items[0].col)
 
 
 _BUILDERS = {
@@ -233,14 +307,19 @@ _BUILDERS = {
     'detail': _detail,
     'counting': _counting,
     'mixed': _mixed,
+    'fine_grounding': _fine_grounding,
+    'fine_detail': _fine_detail,
+    'reading': _reading,
 }
 
 
-def _check_families(families: Sequence[str] | None) -> tuple[str, ...]:
-  """None or () means every family."""
+def check_families(families: Sequence[str] | None) -> tuple[str, ...]:
+  """The families to sample, checked: None or () means the default mixture
+  (``DEFAULT_FAMILIES``); comma-separated entries are split (a command-line
+  ``--config.data.families=fine_detail,reading`` arrives as one string)."""
+  families = tuple(f.strip() for item in (families or ()) for f in str(item).split(',') if f.strip())
   if not families:
-    return FAMILIES
-  families = tuple(families)
+    return DEFAULT_FAMILIES
   unknown = [f for f in families if f not in FAMILIES]
   if unknown:
     raise ValueError(f'families must be a subset of {FAMILIES}, got {families}')
@@ -249,11 +328,11 @@ def _check_families(families: Sequence[str] | None) -> tuple[str, ...]:
 
 def family_probabilities(families: Sequence[str] | None,
                          weights: Sequence[float] | None) -> np.ndarray | None:
-  """Normalised sampling weights over ``families`` (None or () = all), one per family in
+  """Normalised sampling weights over ``families`` (None or () = the default mixture), one per family in
   order; None when ``weights`` is empty or all equal (the uniform stream)."""
   if weights is None or len(weights) == 0:
     return None
-  families = _check_families(families)
+  families = check_families(families)
   w = np.asarray(weights, np.float64)
   if w.shape != (len(families),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
     raise ValueError(f'family weights must be {len(families)} finite, non-negative numbers with a '
@@ -266,7 +345,7 @@ def generate(split: str, index: int, image_size: int = 64,
              family_weights: Sequence[float] | None = None) -> Example:
   """Generates example ``index`` of ``split`` ('train' or 'eval').
 
-  ``families`` restricts which families are sampled (None or () = all) and
+  ``families`` restricts which families are sampled (None or () = ``DEFAULT_FAMILIES``) and
   ``family_weights`` (one per family, None = uniform) skews the mixture; both
   change which example an index yields.
   """
@@ -276,7 +355,7 @@ def generate(split: str, index: int, image_size: int = 64,
     raise ValueError(f'index must be >= 0, got {index}')
   _check_image_size(image_size)
   probabilities = family_probabilities(families, family_weights)
-  return _generate(split, index, image_size, _check_families(families), probabilities)
+  return _generate(split, index, image_size, check_families(families), probabilities)
 
 
 def _generate(split: str, index: int, image_size: int, families: tuple[str, ...],
@@ -298,33 +377,48 @@ def _generate(split: str, index: int, image_size: int, families: tuple[str, ...]
 
 
 def answers(family: str) -> tuple[str, ...]:
-  """Every answer ``family`` can produce."""
-  cells = tuple(_cell_words(r, c) for r in range(CELLS) for c in range(CELLS))
+  """Every answer ``family`` can produce (``reading``: the 5**4 codes)."""
+  cells = tuple(_coord_words(r, c) for r in range(CELLS) for c in range(CELLS))
+  slots = tuple(_slot_words(r, c) for r in range(SLOTS) for c in range(SLOTS))
+  if family == 'reading':
+    return tuple(' '.join(code) for code in itertools.product(GLYPHS, repeat=CODE_LENGTH))
   return {
       'grounding': cells,
       'relation': RELATIONS,
       'detail': tuple(GLYPHS),
       'counting': COUNT_WORDS,
       'mixed': tuple(GLYPHS),
+      'fine_grounding': slots,
+      'fine_detail': tuple(GLYPHS),
   }[family]
 
 
-def vocabulary() -> list[str]:
-  """Every word a question or answer can use, in a fixed order (token ids depend on it)."""
+def vocabulary(families: Sequence[str] | None = None) -> list[str]:
+  """Every word a question or answer of ``families`` (None or () = the default mixture) can
+  use, in a fixed order (token ids depend on it). The fine families' words are appended only
+  when one of them is sampled, so the default mixture's vocabulary and ids stay as they were."""
   words = ['where', 'is', 'the', 'square', 'relative', 'to', 'what', 'pattern', 'shown',
            'in', 'how', 'many', 'squares', *COLOURS, *RELATIONS, *COUNT_WORDS, *GLYPHS]
   words += [f'row{k + 1}' for k in range(CELLS)] + [f'col{k + 1}' for k in range(CELLS)]
+  if set(check_families(families)) <= set(DEFAULT_FAMILIES):
+    return words
+  words += ['exactly', 'read', 'code', 'top', 'bottom']
   return words
 
 
-# Longest question ('where is the C square relative to the C square') and answer.
-MAX_QUESTION_WORDS = 10
-MAX_ANSWER_WORDS = 2
+# Longest question and answer of each family, in words.
+TEXT_WORDS: dict[str, tuple[int, int]] = {
+    'grounding': (5, 2), 'relation': (10, 1), 'detail': (4, 1), 'counting': (4, 1),
+    'mixed': (6, 1), 'fine_grounding': (6, 4), 'fine_detail': (8, 1), 'reading': (3, CODE_LENGTH),
+}
+MAX_QUESTION_WORDS = max(q for q, _ in TEXT_WORDS.values())
+MAX_ANSWER_WORDS = max(a for _, a in TEXT_WORDS.values())
 
 
-def max_text_tokens() -> int:
-  """Upper bound on the tokens of one example laid out as BOS question SEP answer EOS."""
-  return MAX_QUESTION_WORDS + MAX_ANSWER_WORDS + 3
+def max_text_tokens(families: Sequence[str] | None = None) -> int:
+  """Tokens of the longest example of ``families`` (None or () = the default mixture) laid
+  out as BOS question SEP answer EOS."""
+  return max(sum(TEXT_WORDS[f]) for f in check_families(families)) + 3
 
 
 # ---------------------------------------------------------------------------
@@ -349,10 +443,10 @@ class SyntheticSource:
     self.split = split
     self.num_examples = int(num_examples)
     self.image_size = int(image_size)
-    self.families = _check_families(families) if families else None
+    self.families = check_families(families) if families else None
     self.family_weights = tuple(float(w) for w in family_weights) if family_weights else None
     # Checked and normalised here, once: bad weights fail now, not in a worker thread.
-    self._sampled_families = _check_families(families)
+    self._sampled_families = check_families(families)
     self._probabilities = family_probabilities(families, family_weights)
 
   def __len__(self) -> int:
