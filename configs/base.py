@@ -102,6 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # -------------------------------------------------------------- budgets
   c.budget = ml_collections.ConfigDict()            # parcel_jax/budgets.py
   c.budget.sampling = "per_batch"   # per_batch | per_example (bucket per batch, budget per example)
+                                    # | all_scales (the loss averaged over every budget each step:
+                                    # M3's original objective; one step costs all scales together)
   c.budget.distribution = "log_uniform"  # uniform | log_uniform over the method's budget space;
                                     # log-uniform draws half its steps at B <= 64 (a third of
                                     # B = 256's cost): more steps in the same time
@@ -117,7 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = c.model.vision.get_ref("image_size")
   c.data.train_size = 1_000_000      # distinct procedurally generated training examples
   c.data.eval_size = 1024            # eval examples (a separate stream)
-  c.data.families = ()               # () = all task families
+  c.data.families = ()               # () = the default mixture (synthetic.DEFAULT_FAMILIES); the
+                                     # fine families by name, e.g. synthetic.FINE_FAMILIES
   # Training mixture over data.families (unnamed families weigh 1; all equal, or unset = uniform,
   # the default): for the CPU task more of the slow spatial families, less of detail (learned
   # first). The eval stream stays uniform.
@@ -150,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.loss_chunk = 0             # > 0: the loss over this many text positions at a time, so the
                                      # (batch, text, vocab) logits are never held at once; 0 = at once
+  c.train.stage1_steps = 0           # > 0: first train the backbone uncompressed (method none) for
+                                     # this many steps in WORKDIR/stage1, then this config from it
+                                     # (the paper's two-stage recipe; parcel_jax/stages.py)
   c.train.on_nonfinite = "skip"      # skip (no update, counted) | stop
   c.train.stop_at = 0                # end this process after this step (checkpointed; the
                                      # schedule still spans num_steps); 0 = run to num_steps
@@ -159,6 +165,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      # JAX runs on CPU only
   c.train.compilation_cache_dir = ""  # JAX persistent compilation cache directory (reused across
                                      # runs and restarts); "" = off
+
+  # ----------------------------------------------------------------- init
+  c.init = ml_collections.ConfigDict()              # parcel_jax/weights/, parcel_jax/stages.py
+  c.init.hf_checkpoint = ""          # a Hugging Face PaliGemma(-2) directory ('' = random init)
+  c.init.big_vision_npz = ""         # or a big_vision-layout .npz
+  c.init.connector_safetensors = ""  # with either: a connector exported by parcel_jax.export
+  c.init.stage1_workdir = ""         # or a stage-1 run (method none): its backbone, a fresh connector
+  c.init.stage1_step = 0             # that run's checkpoint step; 0 = its latest
 
   # ----------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()

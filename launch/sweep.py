@@ -15,6 +15,14 @@ Grid values are separated by commas, or by ``|`` when any is present; a tuple-va
 field (e.g. ``model.connector.budgets``) only splits on ``|``, so its values keep their
 commas: ``--grid 'model.connector.budgets=16,|64,'``.
 
+A ``{key}`` in a --set value is replaced by each run's value of that swept key, so that
+stage-2 runs find the shared stage 1 of their seed (the paper's two-stage recipe)::
+
+    python launch/sweep.py --workdir_root=w/stage1 --grid 'seed=0,1,2' \
+        --set model.connector.method=none
+    python launch/sweep.py --workdir_root=w/stage2 --preset=reproduction \
+        --set 'init.stage1_workdir=w/stage1/seed={seed}'
+
 Launchers: ``local`` runs the commands one after another and skips runs whose workdir
 already holds ``eval.json`` (rerunning an interrupted sweep resumes it; train itself
 resumes a half-finished run from its checkpoint); ``slurm`` submits one
@@ -165,6 +173,20 @@ def short_labels(keys: Sequence[str]) -> dict[str, str]:
   return labels
 
 
+def fill_template(value: str, point: dict[str, str], labels: dict[str, str], key: str) -> str:
+  """``{k}`` in a --set value becomes this run's value of swept key ``k`` (full or short
+  label), as it appears in workdir names: ``init.stage1_workdir=w/stage1/seed={seed}`` points
+  every run at the stage 1 of its own seed."""
+  def sub(match):
+    name = match.group(1)
+    for k, v in point.items():
+      if name in (k, labels.get(k)):
+        return sanitize(v)
+    raise SweepError(f"--set {key}={value!r}: {{{name}}} names no swept key of this run "
+                     f"(swept: {', '.join(labels.get(k, k) for k in point) or 'none'})")
+  return re.sub(r"\{([A-Za-z0-9_.]+)\}", sub, value)
+
+
 def expand(preset: dict | None, grid: dict[str, list[str]], fixed: dict[str, str]):
   """Returns [(name, {key: value})] in a deterministic order."""
   variants = list(preset["variants"]) if preset else [{}]
@@ -187,7 +209,8 @@ def expand(preset: dict | None, grid: dict[str, list[str]], fixed: dict[str, str
     for combo in itertools.product(*full_grid.values()):
       point = {**variant, **dict(zip(full_grid, combo))}
       name = ",".join(f"{labels[k]}={sanitize(point[k])}" for k in swept if k in point) or "run"
-      runs.append((name, {**base, **point}))
+      fixed_here = {k: fill_template(v, point, labels, k) for k, v in base.items()}
+      runs.append((name, {**fixed_here, **point}))
   names = [n for n, _ in runs]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:

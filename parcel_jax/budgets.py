@@ -31,7 +31,7 @@ from parcel_jax.models import connectors
 
 METHODS = connectors.method_names()   # every registered method, the paper's first
 DISTRIBUTIONS = ("uniform", "log_uniform")
-SAMPLING_MODES = ("per_batch", "per_example")
+SAMPLING_MODES = ("per_batch", "per_example", "all_scales")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -241,6 +241,10 @@ def sample_step(spec: BudgetSpec, seed: int, step: int, batch_size: int, *,
                 ramp_steps: int = 0) -> tuple[Bucket, np.ndarray]:
   """The step's static bucket and per-example budgets (batch_size,) int32.
 
+  ``all_scales`` (M3's original objective): every budget each step (the ramp does not apply), as a
+  tuple of (bucket, budget) pairs for ``train_step.make_train_step`` (whose loss is then the
+  mean over them) and the largest budget per example.
+
   ``per_batch``: one budget for the whole batch. ``per_example``: the step's bucket
   is chosen by a batch-level draw (so shapes stay static), then every example draws
   its own budget among the open budgets of that bucket; the marginal per example is the
@@ -249,6 +253,9 @@ def sample_step(spec: BudgetSpec, seed: int, step: int, batch_size: int, *,
   if mode not in SAMPLING_MODES:
     raise ValueError(f"budget.sampling={mode!r} is unknown; allowed: {', '.join(SAMPLING_MODES)}")
   lead, budgets, weights = _draw(spec, seed, step, distribution, ramp_steps)
+  if mode == "all_scales":  # no draw, no ramp: every budget each step, in one program
+    scales = tuple((spec.bucket(b), int(b)) for b in spec.budgets)
+    return scales, np.full((batch_size,), spec.budgets[-1], np.int32)
   bucket = spec.bucket(lead)
   if mode == "per_batch":
     return bucket, np.full((batch_size,), lead, np.int32)

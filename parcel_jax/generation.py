@@ -14,7 +14,6 @@ decodes a batch whose rows have their own budgets and prompt lengths in one buck
 from __future__ import annotations
 
 import functools
-import io
 import os
 
 import jax
@@ -25,23 +24,18 @@ from flax import nnx
 
 from parcel_jax import budgets as budgets_lib
 from parcel_jax import evaluation
+from parcel_jax.data import images
 from parcel_jax.data import tokenizer as tokenizer_lib
 
 
 def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
-  """Image file bytes (any format PIL reads) as RGB, resized to (size, size): float32
-  (size, size, 3) in [-1, 1]. ValueError naming ``name`` if PIL cannot read them."""
-  from PIL import Image, UnidentifiedImageError
-
+  """Image file bytes (any format Pillow reads) -> float32 (size, size, 3) in [-1, 1], decoded
+  exactly as the training pipeline decodes them (``data.images.decode_image``: no train/serve
+  skew). ValueError naming ``name`` if they are not a readable image."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      im = im.convert("RGB")
-      if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-      pixels = np.asarray(im, np.float32)
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some truncated PNGs
-    raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
-  return pixels / 127.5 - 1.0
+    return images.decode_image(data, size)
+  except images.BadExample as e:
+    raise ValueError(f"{name} is not a readable image ({e.kind.replace('_', ' ')})") from e
 
 
 def read_file(path: str) -> bytes:

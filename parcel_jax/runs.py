@@ -145,27 +145,41 @@ def saved_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
     manager.close()
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-  """Restores the parameters of ``workdir``'s checkpoint ``step`` (default: the latest).
+def restore_params(workdir: str, step: int | None = None, *, mesh=None, rules=None
+                   ) -> tuple[ml_collections.ConfigDict, vlm.ModelConfig, budgets_lib.BudgetSpec,
+                              nnx.GraphDef, dict, jax.sharding.Mesh, int]:
+  """The parameters of ``workdir``'s checkpoint ``step`` (default: the latest) with the run's
+  validated config: (config, model_cfg, spec, graphdef, params, mesh, step). ``mesh`` / ``rules``
+  None: the run's own (or data parallel over the local devices when it does not fit).
 
   Raises:
     FileNotFoundError: naming the path, when the workdir, its checkpoints or the step
       are missing.
   """
   manager = _checkpoint_manager(workdir)
-  directory = checkpoint_dir(workdir)
   try:
     step, saved = _restore_config(manager, step)
     config = ml_collections.ConfigDict(saved)
     model_cfg, spec = config_lib.validate_config(config)
-    mesh = _mesh(config)
-    graphdef, target = state_lib.abstract_params(model_cfg, mesh, sharding.rules_from_config(config.mesh))
+    mesh = _mesh(config) if mesh is None else mesh
+    rules = sharding.rules_from_config(config.mesh) if rules is None else rules
+    graphdef, target = state_lib.abstract_params(model_cfg, mesh, rules)
     item = {"params": target}
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)))["state"]
   finally:
     manager.close()
-  logging.info("restored %s step %d (method %s)", directory, step, spec.method)
-  return Run(config, model_cfg, spec, graphdef, state["params"], mesh,
-             workdir=paths.normalize(workdir), step=int(step))
+  logging.info("restored %s step %d (method %s)", checkpoint_dir(workdir), step, spec.method)
+  return config, model_cfg, spec, graphdef, state["params"], mesh, int(step)
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+  """Restores the parameters of ``workdir``'s checkpoint ``step`` (default: the latest).
+
+  Raises:
+    FileNotFoundError: as ``restore_params``.
+  """
+  config, model_cfg, spec, graphdef, params, mesh, step = restore_params(workdir, step)
+  return Run(config, model_cfg, spec, graphdef, params, mesh,
+             workdir=paths.normalize(workdir), step=step)

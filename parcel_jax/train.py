@@ -30,6 +30,7 @@ from parcel_jax import host_memory
 from parcel_jax import metrics as metrics_lib
 from parcel_jax import paths
 from parcel_jax import sharding
+from parcel_jax import stages
 from parcel_jax import state as state_lib
 from parcel_jax import train_step as train_step_lib
 from parcel_jax import weights
@@ -70,8 +71,21 @@ class _Preemption:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training in ``workdir`` and returns the final eval result."""
-  model_cfg, spec = config_lib.validate_config(config)
+  """Runs (or resumes) training in ``workdir`` and returns the final eval result.
+
+  With ``train.stage1_steps`` (parcel_jax/stages.py) it first runs (or resumes, or finds
+  finished) stage 1 in ``workdir/stage1``, then stage 2 from it in ``workdir``."""
+  stages.validate(config)
+  model_cfg, spec = config_lib.validate_config(config)  # also fills preset sizes in place
+  if stages.stage1_steps(config):
+    stage1_dir = paths.join(workdir, stages.STAGE1_SUBDIR)
+    if stages.finished(stage1_dir, stages.stage1_steps(config)):
+      logging.info("stage 1 in %s is complete", stage1_dir)
+    else:
+      logging.info("stage 1 (method none, %d steps) in %s", stages.stage1_steps(config), stage1_dir)
+      train_and_evaluate(stages.stage1_config(config), stage1_dir)
+    config = stages.stage2_config(config, stage1_dir)
+    model_cfg, spec = config_lib.validate_config(config)
   paths.makedirs(workdir, flag="--workdir")  # first touch: a clear error for a missing gcsfs / s3fs
   mesh = sharding.make_mesh(config.mesh.shape)
   config_lib.check_batch_divisible(config, mesh)
@@ -106,6 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state_lib.check_same_model(ckpt.saved_config(latest), config, ckpt.directory)
     state = ckpt.restore(latest, state_lib.abstract_train_state(state), train_iter)
     logging.info("resumed from step %d in %s", latest, ckpt.directory)
+  elif stages.stage1_workdir(config):  # a fresh stage 2: the backbone of stage 1
+    state["params"] = stages.load_backbone(config, state["params"], mesh, rules)
   else:  # a fresh run: pretrained weights named by config.init (if any), on the same shardings
     state["params"] = weights.load_init_params(config, state["params"], model_cfg)
   params, opt_state, start = state["params"], state["opt_state"], int(state["step"])
@@ -140,8 +156,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if logged:
       m = jax.device_get(m)
       text_tokens = float(np.sum(local["text_mask"]))
+      # all_scales: every scale's visual tokens went through the decoder.
+      visual = (sum(b for _, b in bucket) * len(budget_vec) if isinstance(bucket, tuple)
+                else float(np.sum(budget_vec)))
       rates = meter.update(done, examples_per_step=config.train.batch_size,
-                           tokens_per_step=float(np.sum(budget_vec)) + text_tokens * jax.process_count(),
+                           tokens_per_step=visual + text_tokens * jax.process_count(),
                            flops_per_step=steps.flops[bucket])
       record = {"step": done, "budget": int(budget_vec[0]), "bucket": str(bucket),
                 "data_fingerprint": metrics_lib.fingerprint(local),

@@ -24,12 +24,25 @@ def make_train_step(graphdef, tx, *, accum_steps: int, mesh=None, loss_chunk: in
   time (``losses.chunked_token_loss``: the full-vocabulary logits are never materialised);
   0 computes the (b, L, vocab) logits at once. Both give the same loss and gradients.
 
+  ``bucket`` (static) is one ``budgets.Bucket``, or a tuple of (bucket, budget) pairs: the loss
+  is then the mean over those scales, each with its budget for the whole batch (M3's original
+  objective, ``budget.sampling='all_scales'``); ``budgets`` only gives the batch shape.
+
   Micro-batch i takes rows i, i + k, i + 2k, ... (k = ``accum_steps``): each device's
   contiguous block of the batch then splits into k micro-batches locally (no data
   movement); with ``mesh`` the micro-batches are constrained to stay batch-sharded.
   """
 
   def micro_loss(params, micro, budgets, bucket):
+    if isinstance(bucket, tuple):  # every scale at once: the mean of the scales' losses
+      parts = [scale_loss(params, micro, jnp.full_like(budgets, budget), scale_bucket)
+               for scale_bucket, budget in bucket]
+      n = len(parts)
+      return (sum(p[0] for p in parts) / n,
+              (parts[0][1][0], sum(p[1][1] for p in parts) / n))
+    return scale_loss(params, micro, budgets, bucket)
+
+  def scale_loss(params, micro, budgets, bucket):
     model = nnx.merge(graphdef, params)
     if loss_chunk:
       hidden = model.text_hidden(model.encode_images(micro["image"]), micro["text"],

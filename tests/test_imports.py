@@ -12,7 +12,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "parcel_jax")
 # Thin command lines over the library: nothing inside the package imports them.
-ENTRY_POINTS = {"parcel_jax.train", "parcel_jax.evaluate", "parcel_jax.predict", "parcel_jax.compile"}
+ENTRY_POINTS = {"parcel_jax.train", "parcel_jax.evaluate", "parcel_jax.predict", "parcel_jax.compile",
+                "parcel_jax.export"}
 
 
 def _modules() -> dict[str, str]:

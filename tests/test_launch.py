@@ -210,6 +210,20 @@ def test_sweep_preset_reproduction(tmp_path):
   assert "--config.model.connector.budgets=64," in specialist
 
 
+def test_sweep_set_templates_point_stage2_runs_at_their_seeds_stage1(tmp_path):
+  r = sweep("--dry-run", f"--workdir_root={tmp_path}/s2", "--grid", "model.connector.method=parcel,m3",
+            "--grid", "seed=0,2", "--set", f"init.stage1_workdir={tmp_path}/s1/seed={{seed}}")
+  assert r.returncode == 0, r.stderr
+  argvs = [shlex.split(l) for l in lines(r.stdout)]
+  assert len(argvs) == 4
+  for a in argvs:
+    seed = next(x for x in a if x.startswith("--config.seed=")).split("=")[1]
+    assert f"--config.init.stage1_workdir={tmp_path}/s1/seed={seed}" in a
+  r = sweep("--dry-run", f"--workdir_root={tmp_path}", "--grid", "seed=0,1",
+            "--set", "init.stage1_workdir=w/{method}")
+  assert r.returncode == 2 and "{method} names no swept key" in r.stderr
+
+
 def test_sweep_unknown_key_exits_2_and_names_it(tmp_path):
   for args in (["--grid", "model.connector.methd=parcel,m3"], ["--set", "train.nope=1"]):
     r = sweep("--dry-run", f"--workdir_root={tmp_path}", "--grid", "seed=0,1", *args)
