@@ -61,8 +61,7 @@ def prompt_tokens(question: str, tokenizer=None) -> np.ndarray:
     unknown = [w for w, i in zip(question.split(), ids) if i == tokenizer.unk_id]
     if unknown:
       logging.warning("words outside the tokenizer's vocabulary (encoded as <unk>): %s", unknown)
-  sep = list(getattr(tokenizer, "sep_ids", None) or [tokenizer.sep_id])
-  return np.asarray([tokenizer.bos_id, *ids, *sep], np.int32)
+  return np.asarray(tokenizer_lib.prompt_ids(tokenizer, question), np.int32)
 
 
 def prefill(model, features, prefix, prefix_mask, budgets, *, bucket, cache_size):

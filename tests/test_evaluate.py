@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from parcel_jax import config as config_lib
 from parcel_jax import checkpoint as ckpt_lib
 from parcel_jax import evaluation, flops, runs
 from parcel_jax.data import pipeline
@@ -20,6 +21,7 @@ BUDGETS = (16, 24, 64)
 def write_checkpoint(config, params: dict, workdir: str) -> None:
   """A step-0 checkpoint of ``params`` for ``config``. The state item holds params and step
   only (no optimizer state): ``load_run`` reads nothing else."""
+  config_lib.validate_config(config)  # fills the preset sizes (data.image_size follows the ViT's)
   data = iter(pipeline.build_train_dataset(config.data, seed=0, global_batch_size=8))
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(0, {"params": params, "step": 0}, data, config)

@@ -16,26 +16,15 @@ from flax import nnx
 from parcel_jax import budgets as B
 from parcel_jax import checkpoint as ckpt_lib
 from parcel_jax import losses
-from parcel_jax.data import gemma_tokenizer, images, llava, pipeline
+from parcel_jax.data import gemma_tokenizer, images, pipeline
 from parcel_jax.models import gemma, vlm
 from tests import paligemma_fixtures as fx
 from tests.test_vlm import GRID, random_inputs, tiny_model_config
+from tests.test_real_data import tok, tok_dir  # noqa: F401 (fixtures: one tokenizer per module)
 from tests.util import assert_rel_close
 
 S = 16
 MAX_LEN = 40
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tok")
-  fx.train_sentencepiece(str(d / "tokenizer.model"))
-  return str(d)
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-  return gemma_tokenizer.GemmaTokenizer(tok_dir)
 
 
 def _words(rng, lo=1, hi=5):

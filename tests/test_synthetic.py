@@ -219,7 +219,7 @@ def test_encode_example_layout():
   assert all(out[k].dtype == bool for k in ('text_mask', 'ar_mask', 'loss_mask'))
   exact = tok_lib.encode_example(tok, 'a b', 'c a', max_len=7)  # no padding needed
   assert exact['text_mask'].all() and exact['targets'][-1] == 0
-  with pytest.raises(ValueError, match='7 tokens.*max_len is 6'):
+  with pytest.raises(tok_lib.TextTooLong, match='7 tokens.*max_text_len is 6'):
     tok_lib.encode_example(tok, 'a b', 'c a', max_len=6)
 
 

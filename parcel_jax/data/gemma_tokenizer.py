@@ -14,7 +14,8 @@ PaliGemma's text layout (big_vision / the HF processor), length ``max_len``::
   targets    text shifted left by one
 
 A multi-turn conversation continues the suffix with ``prompt.. "\\n" answer.. <eos>`` per later
-exchange (causal; loss on the answers and their EOS only): ``layout_example``'s ``turns``.
+exchange (causal; loss on the answers and their EOS only): ``layout_example``'s ``turns``
+(defined in ``tokenizer``: the synthetic data uses the same function).
 
 The separator is the tokenization of "\\n" (one token in Gemma's vocabulary).
 Location and segmentation tokens (``<loc0000>``..``<loc1023>``, ``<seg000>``..``<seg127>``)
@@ -29,14 +30,11 @@ from typing import Sequence
 import numpy as np
 
 from parcel_jax import paths
-from parcel_jax.data.tokenizer import ids_before_eos, prefix_lm_arrays
+# PaliGemma's layout is the one every source uses (tokenizer.layout_example); named here too.
+from parcel_jax.data.tokenizer import (LONG_TEXT_POLICIES, TextTooLong, ids_before_eos,  # noqa: F401
+                                       layout_example)
 
 NUM_LOC, NUM_SEG = 1024, 128
-LONG_TEXT_POLICIES = ("truncate", "reject")
-
-
-class TextTooLong(ValueError):
-  """An example does not fit ``max_len`` (even truncated, under 'truncate')."""
 
 
 def resolve_tokenizer_path(path: str) -> str:
@@ -137,46 +135,3 @@ class GemmaTokenizer:
     return f"GemmaTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def layout_example(tokenizer, prefix: str, suffix: str, max_len: int,
-                   long_text: str = "reject",
-                   turns: Sequence[tuple[str, str]] = ()) -> tuple[dict[str, np.ndarray], bool]:
-  """PaliGemma prefix-LM layout of one (prefix, suffix) pair, and of the later (prompt, answer)
-  exchanges ``turns`` of a multi-turn conversation; arrays of shape (max_len,).
-
-  Later exchanges continue the suffix, each as ``prompt.. "\\n" answer.. <eos>``: they are
-  causal (ar_mask True) like the first answer, only the prefix (and the image) is
-  bidirectional; the loss covers every answer and its EOS, not the later prompts. (An EOS
-  ends every answer, so each turn stops where a decoded answer stops.)
-
-  ``long_text='truncate'``: whole trailing exchanges are dropped until the rest fits; if the
-  first alone does not fit, its suffix is cut (then EOS) from the end, keeping the whole
-  prefix and at least one suffix token. 'reject' raises TextTooLong. Returns the arrays
-  and whether the example was truncated. Works for any tokenizer with ``encode``,
-  ``bos_id``, ``eos_id``, ``pad_id`` and ``sep_ids`` (or ``sep_id``).
-  """
-  if long_text not in LONG_TEXT_POLICIES:
-    raise ValueError(f"data.long_text={long_text!r} is unknown; allowed: {', '.join(LONG_TEXT_POLICIES)}")
-  sep = list(getattr(tokenizer, "sep_ids", None) or [tokenizer.sep_id])
-  head = [tokenizer.bos_id, *tokenizer.encode(prefix), *sep]
-  tail = [*tokenizer.encode(suffix), tokenizer.eos_id]
-  later = [([*tokenizer.encode(p), *sep], [*tokenizer.encode(a), tokenizer.eos_id]) for p, a in turns]
-  n = len(head) + len(tail) + sum(len(p) + len(a) for p, a in later)
-  truncated = False
-  if n > max_len:
-    if long_text == "reject" or len(head) + 1 > max_len:
-      more = f", {len(later)} later exchanges {n - len(head) - len(tail)}" if later else ""
-      raise TextTooLong(f"needs {n} tokens (prefix {len(head)} with BOS and separator, suffix "
-                        f"{len(tail)} with EOS{more}) but data.max_text_len is {max_len}"
-                        + ("" if long_text == "reject" else "; the prefix alone does not fit"))
-    truncated, used, kept = True, len(head) + len(tail), []
-    for p, a in later:
-      if used + len(p) + len(a) > max_len:
-        break
-      kept.append((p, a))
-      used += len(p) + len(a)
-    later, tail = kept, tail[:max_len - len(head)]
-  targets = [True] * len(tail)
-  for p, a in later:
-    tail += p + a
-    targets += [False] * len(p) + [True] * len(a)
-  return prefix_lm_arrays(head, tail, max_len, tokenizer.pad_id, targets), truncated

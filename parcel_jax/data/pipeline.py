@@ -107,7 +107,11 @@ def _validate(data_cfg) -> None:
   if data_cfg.name in REAL_DATASETS:
     _validate_real(data_cfg)
     return
-  if data_cfg.image_size <= 0 or data_cfg.image_size % 16:
+  if data_cfg.image_size == 0:
+    raise ValueError('data.image_size is 0: it follows model.vision.image_size, which its preset '
+                     '(model.vision.variant) fills in parcel_jax.config.validate_config; validate '
+                     'the config before building data from it')
+  if data_cfg.image_size < 0 or data_cfg.image_size % 16:
     raise ValueError(f'data.image_size must be a positive multiple of 16, '
                      f'got {data_cfg.image_size}')
   for field in ('train_size', 'eval_size'):

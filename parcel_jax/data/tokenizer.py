@@ -8,7 +8,8 @@ Layout of one example, length ``max_len``::
   targets    text shifted left by one (PAD at the end)
 
 (``prefix_lm_arrays``' ``suffix_targets`` leaves parts of the suffix unsupervised: the later
-prompts of a multi-turn conversation, ``gemma_tokenizer.layout_example``.)
+prompts of a multi-turn conversation, ``layout_example``; every source, synthetic or real, is
+laid out by it.)
 """
 
 from __future__ import annotations
@@ -70,21 +71,72 @@ def synthetic_tokenizer(families=()) -> WordTokenizer:
   return WordTokenizer(synthetic.vocabulary(families))
 
 
-def encode_example(tokenizer: WordTokenizer, question: str, answer: str,
-                   max_len: int) -> dict[str, np.ndarray]:
-  """Lays out one (question, answer) pair; every array has shape (max_len,).
+def encode_example(tokenizer, question: str, answer: str, max_len: int) -> dict[str, np.ndarray]:
+  """``layout_example`` of one (question, answer) pair (no truncation): ``text``/``targets``
+  int32 and ``text_mask``/``ar_mask``/``loss_mask`` bool, each of shape (max_len,).
+  Raises TextTooLong (a ValueError) if the example needs more than ``max_len`` tokens."""
+  return layout_example(tokenizer, question, answer, max_len, 'reject')[0]
 
-  Returns ``text``/``targets`` int32 and ``text_mask``/``ar_mask``/``loss_mask``
-  bool. Raises ValueError if the example needs more than ``max_len`` tokens.
+
+def _sep_ids(tokenizer) -> list[int]:
+  return list(getattr(tokenizer, 'sep_ids', None) or [tokenizer.sep_id])
+
+
+def prompt_ids(tokenizer, prefix: str) -> list[int]:
+  """``[BOS, prefix..., SEP]``: the prompt as training lays it out, and as serving feeds it."""
+  return [tokenizer.bos_id, *tokenizer.encode(prefix), *_sep_ids(tokenizer)]
+
+
+LONG_TEXT_POLICIES = ('truncate', 'reject')
+
+
+class TextTooLong(ValueError):
+  """An example does not fit ``max_len`` (even truncated, under 'truncate')."""
+
+
+def layout_example(tokenizer, prefix: str, suffix: str, max_len: int,
+                   long_text: str = "reject",
+                   turns: Sequence[tuple[str, str]] = ()) -> tuple[dict[str, np.ndarray], bool]:
+  """PaliGemma prefix-LM layout of one (prefix, suffix) pair, and of the later (prompt, answer)
+  exchanges ``turns`` of a multi-turn conversation; arrays of shape (max_len,).
+
+  Later exchanges continue the suffix, each as ``prompt.. "\\n" answer.. <eos>``: they are
+  causal (ar_mask True) like the first answer, only the prefix (and the image) is
+  bidirectional; the loss covers every answer and its EOS, not the later prompts. (An EOS
+  ends every answer, so each turn stops where a decoded answer stops.)
+
+  ``long_text='truncate'``: whole trailing exchanges are dropped until the rest fits; if the
+  first alone does not fit, its suffix is cut (then EOS) from the end, keeping the whole
+  prefix and at least one suffix token. 'reject' raises TextTooLong. Returns the arrays
+  and whether the example was truncated. Works for any tokenizer with ``encode``,
+  ``bos_id``, ``eos_id``, ``pad_id`` and ``sep_ids`` (or ``sep_id``).
   """
-  q, a = tokenizer.encode(question), tokenizer.encode(answer)
-  n = len(q) + len(a) + 3
+  if long_text not in LONG_TEXT_POLICIES:
+    raise ValueError(f"data.long_text={long_text!r} is unknown; allowed: {', '.join(LONG_TEXT_POLICIES)}")
+  sep = _sep_ids(tokenizer)
+  head = prompt_ids(tokenizer, prefix)
+  tail = [*tokenizer.encode(suffix), tokenizer.eos_id]
+  later = [([*tokenizer.encode(p), *sep], [*tokenizer.encode(a), tokenizer.eos_id]) for p, a in turns]
+  n = len(head) + len(tail) + sum(len(p) + len(a) for p, a in later)
+  truncated = False
   if n > max_len:
-    raise ValueError(f'example needs {n} tokens (question {len(q)} + answer {len(a)} + 3 '
-                     f'specials) but max_len is {max_len}: {question!r} -> {answer!r}')
-  # The suffix starts at the first answer token (or EOS if the answer is empty).
-  return prefix_lm_arrays([tokenizer.bos_id, *q, tokenizer.sep_id], [*a, tokenizer.eos_id],
-                          max_len, tokenizer.pad_id)
+    if long_text == "reject" or len(head) + 1 > max_len:
+      more = f", {len(later)} later exchanges {n - len(head) - len(tail)}" if later else ""
+      raise TextTooLong(f"needs {n} tokens (prefix {len(head)} with BOS and separator, suffix "
+                        f"{len(tail)} with EOS{more}) but data.max_text_len is {max_len}"
+                        + ("" if long_text == "reject" else "; the prefix alone does not fit"))
+    truncated, used, kept = True, len(head) + len(tail), []
+    for p, a in later:
+      if used + len(p) + len(a) > max_len:
+        break
+      kept.append((p, a))
+      used += len(p) + len(a)
+    later, tail = kept, tail[:max_len - len(head)]
+  targets = [True] * len(tail)
+  for p, a in later:
+    tail += p + a
+    targets += [False] * len(p) + [True] * len(a)
+  return prefix_lm_arrays(head, tail, max_len, tokenizer.pad_id, targets), truncated
 
 
 def prefix_lm_arrays(prefix_ids: Sequence[int], suffix_ids: Sequence[int], max_len: int,
