@@ -27,12 +27,11 @@ from absl import logging
 
 from parcel_jax import paths
 from parcel_jax import runs
+from parcel_jax import state as state_lib
 from parcel_jax import weights
 
 CONNECTOR = "connector"  # the only top-level parameter subtree stage 2 does not take over
 STAGE1_SUBDIR = "stage1"
-# Fields that change neither the parameters nor the function they compute.
-_NOT_SHAPE_FIELDS = ("remat", "variant", "dtype")
 
 
 def _init(config) -> ml_collections.ConfigDict:
@@ -104,20 +103,6 @@ def finished(workdir: str, num_steps: int) -> bool:
   return step >= num_steps and paths.exists(paths.join(workdir, "eval.json"))
 
 
-def _model_diffs(saved: dict, current: dict) -> list[str]:
-  diffs = []
-  for section in ("vision", "decoder"):
-    a, b = saved.get(section, {}), current.get(section, {})
-    for key in sorted(set(a) | set(b)):
-      x, y = a.get(key), b.get(key)
-      if key in _NOT_SHAPE_FIELDS or x == y:
-        continue
-      if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and list(x) == list(y):
-        continue
-      diffs.append(f"model.{section}.{key}: stage 1 {x!r}, this config {y!r}")
-  return diffs
-
-
 def load_backbone(config, params: dict, mesh, rules) -> dict:
   """``params`` (a fresh model's, on ``mesh``) with every non-connector leaf replaced by the
   stage-1 checkpoint's (``init.stage1_workdir``), restored onto the same shardings.
@@ -131,7 +116,10 @@ def load_backbone(config, params: dict, mesh, rules) -> dict:
     saved_step, saved = runs.saved_config(directory, stage1_step(config))
   except FileNotFoundError as e:
     raise FileNotFoundError(f"init.stage1_workdir={directory}: {e}") from e
-  diffs = _model_diffs(saved.get("model", {}), config.model.to_dict())
+  saved_model, current = saved.get("model", {}), config.model.to_dict()
+  diffs = [d for section in ("vision", "decoder")   # the backbone; the connector is new
+           for d in state_lib.model_field_diffs(saved_model.get(section, {}), current.get(section, {}),
+                                                f"model.{section}", ("stage 1", "this config"))]
   if diffs:
     raise ValueError(f"init.stage1_workdir={directory} holds another backbone: " + "; ".join(diffs))
   *_, stage1_params, _, step = runs.restore_params(directory, saved_step, mesh=mesh, rules=rules)

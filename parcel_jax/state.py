@@ -71,20 +71,28 @@ def abstract_train_state(state: dict) -> dict:
                       if isinstance(x, jax.Array) else x, state)
 
 
+# Fields that change neither the parameters nor the function a model computes.
+LAYOUT_ONLY_FIELDS = ("remat", "variant", "dtype")
+
+
+def model_field_diffs(saved: dict, current: dict, path: str = "model",
+                      labels: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
+  """Every field of the nested config dicts ``saved`` / ``current`` that differs (tuples and
+  lists compare by value; ``LAYOUT_ONLY_FIELDS`` are ignored), as 'path.key: <label> x, <label> y'."""
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    x, y = saved.get(key), current.get(key)
+    if isinstance(x, dict) and isinstance(y, dict):
+      diffs += model_field_diffs(x, y, f"{path}.{key}", labels)
+    elif key not in LAYOUT_ONLY_FIELDS and x != y and not (
+        isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and list(x) == list(y)):
+      diffs.append(f"{path}.{key}: {labels[0]} {x!r}, {labels[1]} {y!r}")
+  return diffs
+
+
 def check_same_model(saved: dict, config, directory: str) -> None:
   """A checkpoint only resumes into the model (and budget space) it was trained as."""
-  current = config.model.to_dict()
-  diffs = []
-
-  def walk(a, b, path):
-    for key in sorted(set(a) | set(b)):
-      x, y = a.get(key), b.get(key)
-      if isinstance(x, dict) and isinstance(y, dict):
-        walk(x, y, f"{path}.{key}")
-      elif key not in ("remat", "variant", "dtype") and x != y and not (
-          isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and list(x) == list(y)):
-        diffs.append(f"{path}.{key}: checkpoint {x!r}, config {y!r}")
-  walk(saved.get("model", {}), current, "model")
+  diffs = model_field_diffs(saved.get("model", {}), config.model.to_dict())
   if diffs:
     raise ValueError(f"the checkpoint in {directory} is of another model; differing fields: "
                      + "; ".join(diffs) + ". Use a new --workdir or the checkpoint's config.")
