@@ -19,20 +19,25 @@ families measure at the pixel level.
 Pixel-level aliasing is not enough once a ViT sits in front of the pooling: its features
 are nonlinear, so the mean of a cell's features still says *which* glyph classes are in the
 cell (``detail``'s single glyph survives 4x4 pooling). The fine families ask what only the
-arrangement inside a cell answers, which a pooled anchor keeps only if the ViT learns to
-write position-glyph conjunctions into every token:
+arrangement of many symbols inside a cell answers, more than one pooled token can be made to
+carry:
 
-* ``fine_detail``: the four slots of one cell hold four different glyphs; the question
-  names the cell and one of its quadrants (``what pattern is top left in row2 col3``). Every
-  permutation of the four glyphs has the same cell mean, pixel for pixel.
-* ``reading``: a code of four glyphs in one slot row, spanning two cells
-  (``read the code`` -> ``checker diag quad diag``): a text line whose symbols pair up inside
-  each cell, as characters do in a pooled document patch.
-* ``fine_grounding``: the answer is a slot, finer than the 4x4 anchor grid: its cell and
-  quadrant (``where exactly is the red square`` -> ``row2 col3 top left``); a square's cell
-  mean is the same in any slot of its cell.
+* ``fine_detail``: a *page* -- the cell at ``PAGE_CELL`` filled with 4x4 *symbols*, glyphs
+  one ViT patch in size (16 symbols, one per patch, classes drawn independently).
+  The question names one symbol by its line and place (``what pattern is at line2 char3``).
+  Every symbol is balanced inside its patch, so every arrangement of the page has the same
+  mean in every patch, every 2x2-patch block (M3 at 64 tokens) and the cell (M3 at 16): only
+  tokens that keep single patches see which symbol is where.
+* ``reading``: the same page, read a line at a time (``read line2`` -> ``checker diag quad
+  diag``): a text line whose characters are smaller than any pooled region, as in a document.
+* ``fine_grounding``: the answer is a slot on the 8x8 slot grid, finer than the 4x4 anchor
+  grid, in PaliGemma's coordinate style (``where exactly is the red square`` -> ``y3 x6``); a
+  square's cell mean is the same in any slot of its cell.
 
-Positions are always cells (``row1 col1`` .. ``row4 col4``), and a slot is a cell's quadrant.
+The page sits at one fixed cell on purpose: the question addresses a symbol by position, and
+a fixed page keeps that address a function of the question alone, so the uncompressed model
+learns it in minutes on a CPU; pooling loses the page's arrangement wherever the page is.
+Positions elsewhere are cells (``row1 col1`` .. ``row4 col4``).
 """
 
 from __future__ import annotations
@@ -62,8 +67,13 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 COUNT_WORDS: tuple[str, ...] = ('one', 'two', 'three', 'four')
 RELATIONS: tuple[str, ...] = ('left', 'right', 'above', 'below')
 
+PATCHES = 16  # ViT patches per side (the paper's 16x16 feature grid)
 SLOTS = 8  # slots per side
 CELLS = 4  # cells per side
+PAGE_CELL = (1, 1)  # the fine families' page: the cell at row2 col2
+PAGE_SIDE = PATCHES // CELLS  # symbols per line and lines per page (4)
+# Symbols need >= 4 px: at 2 px diag and quad would both be the checkerboard.
+MIN_SYMBOL_PX = 4
 # Background channels stay within +/-BACKGROUND_MAX so that saturated squares
 # contrast by >= 0.6 per channel and glyphs (+/-GLYPH_AMPLITUDE) never clip:
 # clipping would break the exact mean preservation.
@@ -123,15 +133,16 @@ def glyph_pattern(name: str, slot_size: int) -> np.ndarray:
 class Item:
   """One object in one slot. ``label`` is a colour (square) or a glyph name."""
 
-  kind: str  # 'square' | 'glyph'
+  kind: str  # 'square' | 'glyph' (one slot) | 'symbol' (a glyph one patch in size)
   label: str
-  row: int  # slot row, 0..7
-  col: int  # slot column, 0..7
-  polarity: int = 1  # glyphs only: +1 or -1 flips the texture's phase
+  row: int  # slot row, 0..7 (symbols: patch row, 0..15)
+  col: int  # slot column, 0..7 (symbols: patch column, 0..15)
+  polarity: int = 1  # glyphs and symbols: +1 or -1 flips the texture's phase
 
   @property
   def cell(self) -> tuple[int, int]:
-    return self.row // 2, self.col // 2
+    per_cell = PATCHES // CELLS if self.kind == 'symbol' else SLOTS // CELLS
+    return self.row // per_cell, self.col // per_cell
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +174,15 @@ def render(layout: Layout, image_size: int = 64) -> np.ndarray:
   margin = max(1, s // 8)  # keeps neighbouring squares visually separate
   bg = np.asarray(layout.background, np.float32)
   image = np.broadcast_to(bg, (image_size, image_size, 3)).copy()
+  p = image_size // PATCHES
   for item in layout.items:
+    if item.kind == 'symbol':
+      if p < MIN_SYMBOL_PX:
+        raise ValueError(f'symbols need image_size >= {PATCHES * MIN_SYMBOL_PX} '
+                         f'({MIN_SYMBOL_PX} px per patch), got {image_size}')
+      block = image[item.row * p:(item.row + 1) * p, item.col * p:(item.col + 1) * p]
+      block[...] = bg + (item.polarity * GLYPH_AMPLITUDE * glyph_pattern(item.label, p))[..., None]
+      continue
     block = image[item.row * s:(item.row + 1) * s, item.col * s:(item.col + 1) * s]
     if item.kind == 'square':
       block[margin:s - margin, margin:s - margin] = COLOURS[item.label]
@@ -255,42 +274,37 @@ def _mixed(rng):
   return items, f'what pattern is in {_coord_words(*asked.cell)}', asked.label
 
 
-QUADRANTS: tuple[str, ...] = ('top left', 'top right', 'bottom left', 'bottom right')
-
-
-def _slot_words(row: int, col: int) -> str:
-  """A slot as its cell and quadrant: 'row2 col3 top left'."""
-  return f'{_coord_words(row // 2, col // 2)} {QUADRANTS[2 * (row % 2) + col % 2]}'
+def _page(rng) -> list[Item]:
+  """The fine families' page: PAGE_SIDE x PAGE_SIDE symbols filling PAGE_CELL, row-major,
+  plus 0-2 squares in other cells as distractors."""
+  r0, c0 = (PAGE_SIDE * k for k in PAGE_CELL)
+  names = rng.choice(list(GLYPHS), PAGE_SIDE * PAGE_SIDE)
+  # One phase for every symbol: a symbol's class is then a linear function of its patch (what
+  # a patch embedding reads), and the phase would not change any pooled mean anyway.
+  items = [Item('symbol', str(name), r0 + k // PAGE_SIDE, c0 + k % PAGE_SIDE)
+           for k, name in enumerate(names)]
+  free = [(r, c) for r in range(SLOTS) for c in range(SLOTS) if (r // 2, c // 2) != PAGE_CELL]
+  picks = rng.choice(len(free), int(rng.integers(0, 3)), replace=False)
+  return items + _squares(_other_colours(rng, [], len(picks)), [free[int(k)] for k in picks])
 
 
 def _fine_detail(rng):
-  names = [str(n) for n in rng.choice(list(GLYPHS), 4, replace=False)]
-  cell = int(rng.integers(CELLS * CELLS))
-  r0, c0 = 2 * (cell // CELLS), 2 * (cell % CELLS)
-  items = [_glyph(rng, name, r0 + k // 2, c0 + k % 2) for k, name in enumerate(names)]
-  # Squares in other cells, so that the glyph cell must be found, not assumed.
-  free = [(r, c) for r in range(SLOTS) for c in range(SLOTS) if (r // 2, c // 2) != (r0 // 2, c0 // 2)]
-  picks = rng.choice(len(free), int(rng.integers(0, 3)), replace=False)
-  items += _squares(_other_colours(rng, [], len(picks)), [free[int(k)] for k in picks])
-  asked = items[int(rng.integers(4))]
-  quadrant = QUADRANTS[2 * (asked.row % 2) + asked.col % 2]
-  return items, f'what pattern is {quadrant} in {_coord_words(*asked.cell)}', asked.label
-
-
-CODE_LENGTH = 4  # symbols per code: one slot row of two cells
+  items = _page(rng)
+  line, char = (int(k) for k in rng.integers(PAGE_SIDE, size=2))
+  asked = items[line * PAGE_SIDE + char]
+  return items, f'what pattern is at line{line + 1} char{char + 1}', asked.label
 
 
 def _reading(rng):
-  names = [str(n) for n in rng.choice(list(GLYPHS), CODE_LENGTH)]
-  row = int(rng.integers(SLOTS))
-  c0 = 2 * int(rng.integers(CELLS - 1))  # cell-aligned: the code covers two whole cells' width
-  items = [_glyph(rng, name, row, c0 + k) for k, name in enumerate(names)]
-  # Squares away from the code's cells, as distractors.
-  code_cells = {(row // 2, (c0 + k) // 2) for k in range(CODE_LENGTH)}
-  free = [(r, c) for r in range(SLOTS) for c in range(SLOTS) if (r // 2, c // 2) not in code_cells]
-  picks = rng.choice(len(free), int(rng.integers(0, 3)), replace=False)
-  items += _squares(_other_colours(rng, [], len(picks)), [free[int(k)] for k in picks])
-  return items, 'read the code', ' '.join(names)
+  items = _page(rng)
+  line = int(rng.integers(PAGE_SIDE))
+  code = items[line * PAGE_SIDE:(line + 1) * PAGE_SIDE]
+  return items, f'read line{line + 1}', ' '.join(it.label for it in code)
+
+
+def _slot_words(row: int, col: int) -> str:
+  """A slot on the 8x8 grid, PaliGemma-style y before x: 'y3 x6' (1-based)."""
+  return f'y{row + 1} x{col + 1}'
 
 
 def _fine_grounding(rng):
@@ -377,11 +391,11 @@ def _generate(split: str, index: int, image_size: int, families: tuple[str, ...]
 
 
 def answers(family: str) -> tuple[str, ...]:
-  """Every answer ``family`` can produce (``reading``: the 5**4 codes)."""
+  """Every answer ``family`` can produce (``reading``: the 5**4 lines)."""
   cells = tuple(_coord_words(r, c) for r in range(CELLS) for c in range(CELLS))
   slots = tuple(_slot_words(r, c) for r in range(SLOTS) for c in range(SLOTS))
   if family == 'reading':
-    return tuple(' '.join(code) for code in itertools.product(GLYPHS, repeat=CODE_LENGTH))
+    return tuple(' '.join(code) for code in itertools.product(GLYPHS, repeat=PAGE_SIDE))
   return {
       'grounding': cells,
       'relation': RELATIONS,
@@ -402,14 +416,16 @@ def vocabulary(families: Sequence[str] | None = None) -> list[str]:
   words += [f'row{k + 1}' for k in range(CELLS)] + [f'col{k + 1}' for k in range(CELLS)]
   if set(check_families(families)) <= set(DEFAULT_FAMILIES):
     return words
-  words += ['exactly', 'read', 'code', 'top', 'bottom']
+  words += ['exactly', 'read', 'at', *(f'line{k + 1}' for k in range(PAGE_SIDE)),
+            *(f'char{k + 1}' for k in range(PAGE_SIDE)),
+            *(f'y{k + 1}' for k in range(SLOTS)), *(f'x{k + 1}' for k in range(SLOTS))]
   return words
 
 
 # Longest question and answer of each family, in words.
 TEXT_WORDS: dict[str, tuple[int, int]] = {
     'grounding': (5, 2), 'relation': (10, 1), 'detail': (4, 1), 'counting': (4, 1),
-    'mixed': (6, 1), 'fine_grounding': (6, 4), 'fine_detail': (8, 1), 'reading': (3, CODE_LENGTH),
+    'mixed': (6, 1), 'fine_grounding': (6, 2), 'fine_detail': (6, 1), 'reading': (2, PAGE_SIDE),
 }
 MAX_QUESTION_WORDS = max(q for q, _ in TEXT_WORDS.values())
 MAX_ANSWER_WORDS = max(a for _, a in TEXT_WORDS.values())
