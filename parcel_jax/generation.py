@@ -56,12 +56,13 @@ def prompt_tokens(question: str, tokenizer=None) -> np.ndarray:
   (Gemma's separator is the "\\n" token). Default tokenizer: the synthetic word list,
   whose unknown words become UNK (logged)."""
   tokenizer = tokenizer or tokenizer_lib.synthetic_tokenizer()
-  ids = tokenizer.encode(question)
+  ids = tokenizer_lib.prompt_ids(tokenizer, question)
   if isinstance(tokenizer, tokenizer_lib.WordTokenizer):
-    unknown = [w for w, i in zip(question.split(), ids) if i == tokenizer.unk_id]
+    # One id per whitespace-separated word, between BOS and the one-token SEP.
+    unknown = [w for w, i in zip(question.split(), ids[1:-1]) if i == tokenizer.unk_id]
     if unknown:
       logging.warning("words outside the tokenizer's vocabulary (encoded as <unk>): %s", unknown)
-  return np.asarray(tokenizer_lib.prompt_ids(tokenizer, question), np.int32)
+  return np.asarray(ids, np.int32)
 
 
 def prefill(model, features, prefix, prefix_mask, budgets, *, bucket, cache_size):

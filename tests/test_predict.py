@@ -16,6 +16,7 @@ from parcel_jax import config as config_lib
 from parcel_jax import evaluation, generation, runs, sharding
 from parcel_jax import state as state_lib
 from parcel_jax.data import synthetic
+from parcel_jax.data import tokenizer as tokenizer_lib
 from tests.conftest import run_cli, tiny_config
 
 NEW_TOKENS = 6
@@ -154,6 +155,30 @@ def test_kv_cache_equals_recompute_scanned_recipe(recipe, budget):
 def test_prompt_layout():
   tok = generation.prompt_tokens("where is the red square")
   assert tok[0] == 1 and tok[-1] == 3 and len(tok) == 7        # [BOS, 5 words, SEP]
+
+
+def test_prompt_tokens_name_unknown_words(caplog):
+  """Words outside the word list are UNK in the prompt and named, in order, in one warning;
+  a question of known words logs nothing."""
+  rng = np.random.default_rng()
+  tok = tokenizer_lib.synthetic_tokenizer()
+  known = [str(w) for w in rng.choice(synthetic.vocabulary(), 6)]
+  unknown = [f"zz{k}" for k in rng.choice(1000, 3, replace=False)]
+  words = known + unknown
+  rng.shuffle(words)
+  question = " ".join(words)
+  with caplog.at_level("WARNING"):
+    ids = generation.prompt_tokens(question)
+  assert ids.dtype == np.int32
+  np.testing.assert_array_equal(ids, [tok.bos_id, *tok.encode(question), tok.sep_id])
+  assert [w for w, i in zip(words, ids[1:-1]) if i == tok.unk_id] == [w for w in words if w in unknown]
+  warned = [r.getMessage() for r in caplog.records if "outside the tokenizer's vocabulary" in r.getMessage()]
+  assert warned == [f"words outside the tokenizer's vocabulary (encoded as <unk>): "
+                    f"{[w for w in words if w in unknown]}"]
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    generation.prompt_tokens(" ".join(known))
+  assert not [r for r in caplog.records if "outside the tokenizer's vocabulary" in r.getMessage()]
 
 
 def test_load_image_resizes_to_model_range(tmp_path):

@@ -2,8 +2,9 @@
 
 Train order (every step is Grain's own dataset, so the iterator checkpoints):
 
-  source -> seed/shuffle (global) -> repeat (infinite, reshuffled each epoch)
-         -> [process_index::process_count] -> encode -> batch -> to_iter_dataset
+  source indices -> seed/shuffle (global) -> repeat (infinite, reshuffled each epoch)
+                 -> [process_index::process_count] -> encode (read + lay out) -> batch
+                 -> to_iter_dataset
 
 Slicing *after* the global shuffle makes the union of all processes' k-th
 batches exactly the k-th batch of a single-process run with the same seed.
@@ -34,7 +35,7 @@ defaults in ``REAL_DATA_DEFAULTS``)::
   data.conversation                  llava: multi_turn (one example per record, every answer
                                      supervised) | single_exchange (one per exchange)
 
-Real examples use PaliGemma's layout (``gemma_tokenizer.layout_example``). Bad examples
+Every source is laid out alike (``tokenizer.layout_example``, PaliGemma's layout). Bad examples
 (``images.BAD_KINDS``: missing / corrupt / unreadable images, malformed records, missing
 fields, empty answers, text too long) either raise a ``BadDataError`` naming the source
 file, the example and the problem (``raise``), or are dropped and counted per kind
@@ -300,21 +301,8 @@ def _family_weights(data_cfg) -> tuple[float, ...] | None:
   return weights
 
 
-class _Encode(grain.transforms.Map):
-  """Source record -> model inputs (drops the strings, which cannot be batched)."""
-
-  def __init__(self, max_len: int, families=()):
-    self._tokenizer = tokenizer_lib.synthetic_tokenizer(families)
-    self._max_len = max_len
-
-  def map(self, record: dict) -> dict:
-    text = tokenizer_lib.encode_example(
-        self._tokenizer, record['question'], record['answer'], self._max_len)
-    return {'image': record['image'], **text, 'family': record['family']}
-
-
 class _Read:
-  """One read real example: ``example`` (the model inputs) or, when bad, ``bad_kind`` and
+  """One read example: ``example`` (the model inputs) or, when bad, ``bad_kind`` and
   ``where`` (file, example and problem); ``truncated`` as ``layout_example`` says."""
 
   __slots__ = ('example', 'bad_kind', 'where', 'truncated')
@@ -323,27 +311,36 @@ class _Read:
     self.example, self.bad_kind, self.where, self.truncated = example, bad_kind, where, truncated
 
 
-class _EncodeReal(grain.transforms.Map):
-  """Index -> ``_Read`` (the encoded real example, or what was bad with it); BadDataError
-  under data.on_error=raise. ``count`` applies the skip policy to a read."""
+class _Encode(grain.transforms.Map):
+  """Source index -> the example's model inputs (the strings are dropped: they cannot be
+  batched), for any source. ``read`` gives a ``_Read`` (the inputs, or what was bad with a
+  real example; BadDataError under data.on_error=raise), ``count`` applies the skip policy
+  to a read, ``map`` does both (None: a skipped example).
 
-  def __init__(self, source: ExampleSource, data_cfg, stats: BadDataStats):
+  Synthetic examples are never bad and always fit (``_validate``): they are not counted
+  (no stats), never truncated, and one that does not fit raises TextTooLong (a bug)."""
+
+  def __init__(self, source, data_cfg, stats: BadDataStats | None = None):
+    self.real = data_cfg.name in REAL_DATASETS
     self._source = source
-    self._tokenizer = build_tokenizer(data_cfg)
+    self.tokenizer = build_tokenizer(data_cfg)
     self._max_len = data_cfg.max_text_len
-    self._long_text = _get(data_cfg, 'long_text')
+    self._long_text = _get(data_cfg, 'long_text') if self.real else 'reject'
     self._on_error = _get(data_cfg, 'on_error')
     self._max_skip = float(_get(data_cfg, 'max_skip_fraction'))
     self._stats = stats
 
-  def read(self, index: int) -> _Read:
+  def read(self, index) -> _Read:
+    index = int(index)
     try:
       record = self._source[index]
       try:
-        text, truncated = gemma_tokenizer.layout_example(
-            self._tokenizer, record['question'], record['answer'], self._max_len, self._long_text,
-            turns=record['turns'])
-      except gemma_tokenizer.TextTooLong as e:
+        text, truncated = tokenizer_lib.layout_example(
+            self.tokenizer, record['question'], record['answer'], self._max_len, self._long_text,
+            turns=record.get('turns', ()))
+      except tokenizer_lib.TextTooLong as e:
+        if not self.real:
+          raise
         raise images.BadExample('text_too_long', str(e)) from e
     except images.BadExample as e:
       where = f'{self._source.path}: {self._source.describe(index)}'
@@ -351,12 +348,16 @@ class _EncodeReal(grain.transforms.Map):
         raise BadDataError(f'{where}: {e.kind}: {e.message} (data.on_error=raise; set '
                            f'data.on_error=skip to drop such examples)') from e
       return _Read(bad_kind=e.kind, where=f'{where}: {e.kind}: {e.message}')
-    return _Read({'image': record['image'], **text, 'family': record['family'],
-                  'has_image': record['has_image']}, truncated=truncated)
+    example = {'image': record['image'], **text, 'family': record['family']}
+    if self.real:
+      example['has_image'] = record['has_image']
+    return _Read(example, truncated=truncated)
 
   def count(self, read: _Read) -> dict | None:
     """Counts ``read`` in the stats -> its example, or None if it is skipped; BadDataError
     once the skipped examples pass data.max_skip_fraction."""
+    if self._stats is None:  # synthetic: nothing to count, nothing is skipped
+      return read.example
     seen, skipped = self._stats.record(bad_kind=read.bad_kind, truncated=read.truncated)
     if read.bad_kind is None:
       return read.example
@@ -367,18 +368,22 @@ class _EncodeReal(grain.transforms.Map):
                          f'counts: {self._stats.as_dict()}')
     return None
 
-  def encode(self, index: int) -> dict | None:
+  def map(self, index) -> dict | None:
     return self.count(self.read(index))
 
-  def map(self, index) -> _Read:
-    return self.read(int(index))
+
+def _bad_data_stats(data_cfg, stats: BadDataStats | None) -> BadDataStats | None:
+  """The bad-data counts of a real source (``stats``, default new ones); None for synthetic."""
+  if data_cfg.name not in REAL_DATASETS:
+    return None
+  return stats if stats is not None else BadDataStats()
 
 
 class _CountedIterator(grain.DatasetIterator):
   """Counts reads as they are consumed and yields the good examples; the counts are a part
   of the state, so a restored iterator continues them. (``_stats`` is Grain's own.)"""
 
-  def __init__(self, parent, encode: _EncodeReal, stats: BadDataStats):
+  def __init__(self, parent, encode: _Encode, stats: BadDataStats):
     super().__init__(parent)
     self._encode, self._counts = encode, stats
 
@@ -402,7 +407,7 @@ class _CountedIterator(grain.DatasetIterator):
 class _Counted(grain.IterDataset):
   """The train stream of reads -> good examples, counted (``_CountedIterator``)."""
 
-  def __init__(self, parent: grain.IterDataset, encode: _EncodeReal, stats: BadDataStats):
+  def __init__(self, parent: grain.IterDataset, encode: _Encode, stats: BadDataStats):
     super().__init__(parent)
     self._encode, self._counts = encode, stats
 
@@ -414,18 +419,6 @@ def data_metrics(dataset) -> dict[str, int]:
   """Bad-data counts of a dataset built here (empty for synthetic data), for logging."""
   stats = getattr(dataset, 'bad_data_stats', None)
   return {f'data/{k}': v for k, v in stats.as_dict().items()} if stats is not None else {}
-
-
-def _build_real_train(data_cfg, *, seed, global_batch_size, process_index, process_count,
-                      read_options, stats):
-  source = build_source(data_cfg, 'train')
-  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
-  ds = ds[process_index::process_count]
-  encode = _EncodeReal(source, data_cfg, stats)
-  # Reads (good or bad) are prefetched; they are counted, and the bad ones dropped, as they
-  # are consumed, so the counts match the iterator's state exactly.
-  ds = _Counted(ds.map(encode).to_iter_dataset(read_options), encode, stats)
-  return ds.batch(global_batch_size // process_count, drop_remainder=True)
 
 
 def build_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
@@ -443,61 +436,52 @@ def build_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'global_batch_size must be a positive multiple of process_count='
                      f'{process_count}, got global_batch_size={global_batch_size}')
-  if data_cfg.name in REAL_DATASETS:
-    stats = stats if stats is not None else BadDataStats()
-    read_options = grain.ReadOptions(num_threads=num_threads,
-                                     prefetch_buffer_size=prefetch_buffer_size)
-    ds = _build_real_train(data_cfg, seed=seed, global_batch_size=global_batch_size,
-                           process_index=process_index, process_count=process_count,
-                           read_options=read_options, stats=stats)
-    ds.bad_data_stats = stats
-    return ds
   source = build_source(data_cfg, 'train')
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.map(_Encode(data_cfg.max_text_len, data_cfg.families))
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  stats = _bad_data_stats(data_cfg, stats)
+  encode = _Encode(source, data_cfg, stats)
+  indices = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+  indices = indices[process_index::process_count]
+  batch_size = global_batch_size // process_count
   read_options = grain.ReadOptions(num_threads=num_threads,
                                    prefetch_buffer_size=prefetch_buffer_size)
-  return ds.to_iter_dataset(read_options)
+  if not encode.real:  # nothing to skip: whole batches are prefetched
+    ds = indices.map(encode).batch(batch_size, drop_remainder=True)
+    return ds.to_iter_dataset(read_options)
+  # Reads (good or bad) are prefetched; they are counted, and the bad ones dropped, as they
+  # are consumed, so the counts match the iterator's state exactly.
+  ds = _Counted(indices.map(encode.read).to_iter_dataset(read_options), encode, stats)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds.bad_data_stats = stats
+  return ds
 
 
 class _EvalRecord(grain.transforms.Map):
-  """Index -> encoded eval example; indices >= num_examples repeat example 0, marked invalid."""
+  """Index -> encoded eval example and ``valid``. Indices >= num_examples pad the last batches
+  and are invalid: synthetic data repeats example ``index % num_examples`` there; real data
+  reads nothing (no image decode, no count) and gives a placeholder, as for a skipped bad
+  example."""
 
-  def __init__(self, source: synthetic.SyntheticSource, num_examples: int, max_len: int):
-    self._source = source
-    self._num_examples = num_examples
-    self._encode = _Encode(max_len, source.families)
-
-  def map(self, index) -> dict:
-    index = int(index)
-    record = self._encode.map(self._source[index % self._num_examples])
-    return {**record, 'valid': np.bool_(index < self._num_examples)}
-
-
-class _RealEvalRecord(grain.transforms.Map):
-  """Index -> encoded eval example; padding indices and skipped bad examples are invalid."""
-
-  def __init__(self, source: ExampleSource, data_cfg, num_examples: int, stats: BadDataStats):
-    self._encode = _EncodeReal(source, data_cfg, stats)
+  def __init__(self, source, data_cfg, num_examples: int, stats: BadDataStats | None):
+    self._encode = _Encode(source, data_cfg, stats)
     self._num_examples = num_examples
     self._size = data_cfg.image_size
     self._max_len = data_cfg.max_text_len
-    self._pad = self._encode._tokenizer.pad_id
 
   def _placeholder(self) -> dict:
     zeros = np.zeros(self._max_len, bool)
+    pad = self._encode.tokenizer.pad_id
     return {'image': np.zeros((self._size, self._size, 3), np.float32),
-            'text': np.full(self._max_len, self._pad, np.int32), 'text_mask': zeros,
-            'ar_mask': zeros, 'targets': np.full(self._max_len, self._pad, np.int32),
+            'text': np.full(self._max_len, pad, np.int32), 'text_mask': zeros,
+            'ar_mask': zeros, 'targets': np.full(self._max_len, pad, np.int32),
             'loss_mask': zeros, 'family': np.int32(REAL_FAMILY), 'has_image': np.bool_(False)}
 
   def map(self, index) -> dict:
     index = int(index)
-    record = self._encode.encode(index) if index < self._num_examples else None
-    valid = record is not None
-    return {**(record if valid else self._placeholder()), 'valid': np.bool_(valid)}
+    padding = index >= self._num_examples
+    example = (None if padding and self._encode.real
+               else self._encode.map(index % self._num_examples))
+    valid = not padding and example is not None
+    return {**(example if example is not None else self._placeholder()), 'valid': np.bool_(valid)}
 
 
 def build_eval_dataset(data_cfg, *, batch_size: int, process_index: int = 0,
@@ -523,11 +507,9 @@ def build_eval_dataset(data_cfg, *, batch_size: int, process_index: int = 0,
   stride = batch_size * process_count
   padded = -(-num_examples // stride) * stride
   ds = grain.MapDataset.range(padded)[process_index::process_count]
-  if data_cfg.name in REAL_DATASETS:
-    stats = stats if stats is not None else BadDataStats()
-    ds = ds.map(_RealEvalRecord(source, data_cfg, num_examples, stats)).batch(
-        batch_size, drop_remainder=True)
+  stats = _bad_data_stats(data_cfg, stats)
+  ds = ds.map(_EvalRecord(source, data_cfg, num_examples, stats))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if stats is not None:
     ds.bad_data_stats = stats
-    return ds
-  ds = ds.map(_EvalRecord(source, num_examples, data_cfg.max_text_len))
-  return ds.batch(batch_size, drop_remainder=True)
+  return ds
