@@ -369,7 +369,7 @@ def evaluate_workdirs(workdirs, *, budgets=None, reference: str | None = None,
       entry["per_example_file"] = f"per_example_{i}.npz"
       scores_lib.save(os.path.join(out, entry["per_example_file"]), entry.pop("per_example"),
                       method=entry["method"], label=entry["label"], workdir=entry["workdir"],
-                      step=entry["step"])
+                      step=entry["step"], answers="teacher_forced")
   with open(os.path.join(out, "budgets.json"), "w") as f:
     json.dump(report, f, indent=2)
   plot_pareto(report, os.path.join(out, "pareto.png"))

@@ -11,19 +11,31 @@ once, every budget at its compact shape, KV-cache greedy decoding).
 A file of requests, mixed budgets batched together (``parcel_jax.serving``):
 
     python -m parcel_jax.predict --workdir=RUN --requests=FILE.jsonl --out=ANSWERS.jsonl \
-        [--batch_size=8] [--auto_scores=per_example_0.npz --auto_tolerance=0.01]
+        [--batch_size=8] [--auto_policy=smallest|scores|cascade|router ...]
 
 each line ``{"id", "image", "question", "budget": int or "auto"}`` (relative image paths are
 relative to FILE's directory); writes one record per request, in order: the answer, or
 ``{"id", "line", "error"}`` for a request that cannot be served (every other one is still
 answered), and prints requests/s, visual tokens/s and the image cache's hits.
+
+``"auto"`` budgets follow ``--auto_policy``: ``smallest`` (the smallest trained budget; the
+default), ``scores`` (``--auto_scores=per_example_0.npz``, one budget within
+``--auto_tolerance`` of the best), ``cascade`` (``--cascade_threshold``, ``--cascade_budgets``,
+``--cascade_confidence``: answer again at the next budget while unsure) or ``router``
+(``--router``, default RUN/policies/router.safetensors from ``compare_policies``).
 """
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 
-from parcel_jax import cli, generation, runs, scores, serving
+from parcel_jax import cli, generation, policies, runs, scores, serving
+from parcel_jax import config as config_lib
+from parcel_jax import router as router_lib
+
+AUTO_POLICIES = ("smallest", "scores", "cascade", "router")
 
 
 def _single(run, f) -> None:
@@ -34,10 +46,28 @@ def _single(run, f) -> None:
     print(f"budget {b}: {answer}", flush=True)
 
 
+def auto_policy(run, f):
+  """The policy for ``"auto"`` requests that the flags name (None: the server's default)."""
+  name = f.auto_policy or ("scores" if f.auto_scores else "smallest")
+  if name != "scores" and f.auto_scores:
+    raise ValueError(f"--auto_scores is read by --auto_policy=scores, not {name}")
+  if name == "smallest":
+    return None
+  if name == "scores":
+    if not f.auto_scores:
+      raise ValueError("--auto_policy=scores needs --auto_scores=per_example_<i>.npz (evaluate --per_example)")
+    return serving.policy_from_scores(scores.load(f.auto_scores), f.auto_tolerance)
+  if name == "cascade":
+    ladder = ([int(b) for b in f.cascade_budgets] if f.cascade_budgets
+              else sorted(config_lib.eval_budgets(run.config, run.spec)))   # compare_policies' default
+    return policies.Cascade(tuple(ladder), f.cascade_threshold, f.cascade_confidence)
+  path = f.router or os.path.join(f.workdir, "policies", "router.safetensors")
+  return serving.router_policy(router_lib.load(path), run.tokenizer, f.router_threshold)
+
+
 def _batch(run, f) -> None:
   requests = serving.read_requests(f.requests)
-  policy = (serving.policy_from_scores(scores.load(f.auto_scores), f.auto_tolerance)
-            if f.auto_scores else None)
+  policy = auto_policy(run, f)
   server = serving.Server(run, batch_size=f.batch_size, max_new_tokens=f.max_new_tokens or None,
                           policy=policy)
   records = server.serve(requests)
@@ -83,6 +113,17 @@ def _define_flags() -> None:
                       "smallest trained budget).")
   flags.DEFINE_float("auto_tolerance", 0.01, "With --auto_scores: the smallest budget within this "
                      "exact match of the best.")
+  flags.DEFINE_enum("auto_policy", None, list(AUTO_POLICIES), "With --requests: how 'auto' budgets are "
+                    "chosen (default: scores with --auto_scores, else smallest).")
+  flags.DEFINE_float("cascade_threshold", 0.5, "--auto_policy=cascade: answer again at the next budget "
+                     "while the confidence is below this.")
+  flags.DEFINE_list("cascade_budgets", None, "--auto_policy=cascade: the ladder, ascending (default: the "
+                    "run's eval.budgets it was trained on).")
+  flags.DEFINE_enum("cascade_confidence", "answer_prob", list(policies.CONFIDENCES),
+                    "--auto_policy=cascade: the answer's confidence compared with the threshold.")
+  flags.DEFINE_string("router", None, "--auto_policy=router: the router file (default: "
+                      "WORKDIR/policies/router.safetensors, written by compare_policies).")
+  flags.DEFINE_float("router_threshold", None, "--auto_policy=router: the threshold (default: the router's).")
   flags.mark_flags_as_required(["workdir"])
 
 

@@ -14,6 +14,12 @@ Everything else here is a pure function of the saved arrays:
   answer_prob     (n, k)       product of the answer tokens' probabilities (EOS included)
   min_token_prob  (n, k)       the smallest of them
 
+``evaluate`` scores the target answer under teacher forcing (``answers = "teacher_forced"``);
+``policy_scores`` scores the greedy answer that serving would return (``answers = "greedy"``),
+which is what a confidence cascade sees. Both give the same ``correct``; they differ in the
+probabilities of the examples answered wrongly. A file may hold more arrays than these
+(``policy_scores``: the router's inputs), kept as they are.
+
 The oracle picks, per example, the cheapest budget that answers it correctly; an example
 wrong at every budget counts at the smallest budget (M3's protocol), so the oracle's
 accuracy is the fraction correct at some budget and its cost a lower bound for any policy
@@ -57,10 +63,11 @@ def check(scores: dict) -> dict:
 
 def save(path: str, per_example: dict, *, flops=None, **meta) -> None:
   """Writes ``evaluate``'s ``per_example`` arrays with the FLOPs per budget (k,) (``flops``,
-  or already in ``per_example``) and metadata as strings (``method``, ``label``, ...) to
-  ``path`` (.npz)."""
+  or already in ``per_example``), any further arrays in ``per_example`` as they are, and
+  metadata as strings (``method``, ``label``, ...) to ``path`` (.npz)."""
   scores = check({**per_example, **({} if flops is None else {"flops": np.asarray(flops, np.float64)})})
-  np.savez(path, **{k: scores[k] for k in ARRAYS},
+  extra = {k: np.asarray(v) for k, v in per_example.items() if k not in ARRAYS and k not in meta}
+  np.savez(path, **{k: scores[k] for k in ARRAYS}, **extra,
            **{k: np.asarray(str(v)) for k, v in meta.items()})
 
 
@@ -81,13 +88,13 @@ def oracle(correct: np.ndarray) -> np.ndarray:
   return np.where(correct.any(axis=1), np.argmax(correct, axis=1), 0)
 
 
-def _groups(scores: dict) -> dict[str, np.ndarray]:
+def groups(scores: dict) -> dict[str, np.ndarray]:
   """'overall' and every family present -> boolean row selector (n,)."""
   family = scores["family"]
-  groups = {"overall": np.ones(family.shape, bool)}
+  out = {"overall": np.ones(family.shape, bool)}
   for f in sorted(set(family.tolist())):
-    groups[family_name(f)] = family == f
-  return groups
+    out[family_name(f)] = family == f
+  return out
 
 
 def fixed_budget_curve(scores: dict) -> list[dict]:
@@ -97,9 +104,9 @@ def fixed_budget_curve(scores: dict) -> list[dict]:
   budgets ascending; accuracy in [0, 1].
   """
   scores = check(scores)
-  groups = _groups(scores)
+  selectors = groups(scores)
   return [{"budget": int(b), "tokens": float(b), "flops": float(scores["flops"][j]),
-           "accuracy": {g: float(scores["correct"][sel, j].mean()) for g, sel in groups.items()}}
+           "accuracy": {g: float(scores["correct"][sel, j].mean()) for g, sel in selectors.items()}}
           for j, b in enumerate(scores["budgets"])]
 
 
@@ -117,7 +124,7 @@ def oracle_summary(scores: dict) -> dict:
   tokens = scores["budgets"][choice].astype(np.float64)
   flops = scores["flops"][choice]
   out = {}
-  for g, sel in _groups(scores).items():
+  for g, sel in groups(scores).items():
     counts = np.bincount(choice[sel], minlength=scores["budgets"].size)
     out[g] = {"accuracy": float(hit[sel].mean()), "mean_tokens": float(tokens[sel].mean()),
               "mean_flops": float(flops[sel].mean()), "examples": int(sel.sum()),
@@ -128,16 +135,16 @@ def oracle_summary(scores: dict) -> dict:
 def format_summary(scores: dict) -> str:
   """The fixed-budget curve and the oracle, overall and per family, as a table."""
   curve, best = fixed_budget_curve(scores), oracle_summary(scores)
-  groups = list(best)
-  head = f"{'':>10} {'tokens':>8} {'GFLOPs':>9} " + " ".join(f"{g:>10}" for g in groups)
+  names = list(best)
+  head = f"{'':>10} {'tokens':>8} {'GFLOPs':>9} " + " ".join(f"{g:>10}" for g in names)
   lines = [f"exact match % on {best['overall']['examples']} examples; oracle: cheapest correct budget "
            f"per example (wrong everywhere: the smallest)", head]
   for row in curve:
     lines.append(f"{'B=' + str(row['budget']):>10} {row['tokens']:>8.1f} {row['flops'] / 1e9:>9.3f} "
-                 + " ".join(f"{100 * row['accuracy'][g]:>10.1f}" for g in groups))
+                 + " ".join(f"{100 * row['accuracy'][g]:>10.1f}" for g in names))
   o = best["overall"]
   lines.append(f"{'oracle':>10} {o['mean_tokens']:>8.1f} {o['mean_flops'] / 1e9:>9.3f} "
-               + " ".join(f"{100 * best[g]['accuracy']:>10.1f}" for g in groups))
+               + " ".join(f"{100 * best[g]['accuracy']:>10.1f}" for g in names))
   lines.append(f"{'':>10} oracle mean tokens per group: "
-               + ", ".join(f"{g} {best[g]['mean_tokens']:.1f}" for g in groups))
+               + ", ".join(f"{g} {best[g]['mean_tokens']:.1f}" for g in names))
   return "\n".join(lines)

@@ -6,7 +6,11 @@ of requests (image, question, budget: an int or ``"auto"``) with KV-cache greedy
   1. Each image file is read and hashed (sha256 of its bytes). Images already in the
      ``FeatureCache`` are not decoded or encoded again (a hit); the others are encoded by
      the ViT in batches of ``batch_size`` (padded: one compiled encoder).
-  2. ``"auto"`` budgets are chosen by the server's ``policy(request, features) -> budget``.
+  2. ``"auto"`` budgets are chosen by the server's ``policy(request, features) -> budget``
+     (``smallest_budget_policy``, ``policy_from_scores``, ``router_policy``), or by a
+     ``policies.Cascade``: the request is answered at the ladder's first budget and, while
+     the answer's confidence is below the threshold, again at the next budget on the same
+     cached features (the ViT runs once; each pass is a decoder run at its budget).
   3. Requests are grouped by the bucket that serves their budget (``BudgetSpec.bucket`` of
      the method's whole space: at grid 16 PARCEL has six, 4x4+0q .. 8x8+192q), and each
      group runs in batches of ``batch_size`` rows with per-row budget masks: requests of
@@ -42,6 +46,8 @@ from absl import logging
 from parcel_jax import budgets as budgets_lib
 from parcel_jax import evaluation
 from parcel_jax import generation
+from parcel_jax import policies
+from parcel_jax import router as router_lib
 from parcel_jax import scores as scores_lib
 
 AUTO = "auto"
@@ -136,8 +142,8 @@ def smallest_budget_policy(budgets: Sequence[int]) -> Policy:
   """``"auto"`` -> the smallest of ``budgets`` (e.g. the run's trained set), whatever the image.
 
   A placeholder that knows nothing about the request: the cheapest answer. Use
-  ``policy_from_scores`` when per-example eval scores exist; per-request policies
-  (confidence cascades, routers on the features) plug in through the same signature."""
+  ``policy_from_scores`` when per-example eval scores exist, ``router_policy`` or a
+  ``policies.Cascade`` to choose per request."""
   smallest = int(min(budgets))
   return lambda request, features: smallest
 
@@ -154,6 +160,13 @@ def policy_from_scores(scores: dict, tolerance: float = 0.01) -> Policy:
   logging.info("auto budget from per-example scores: B=%d (best fixed-budget exact match %.3f, "
                "tolerance %.3f)", chosen, best, tolerance)
   return lambda request, features: chosen
+
+
+def router_policy(router: router_lib.Router, tokenizer, threshold: float | None = None) -> Policy:
+  """``"auto"`` -> the budget a trained ``router.Router`` picks from the image's pooled
+  features and the question's prompt (``threshold``: None = the router's own)."""
+  return lambda request, features: router.choose(
+      features, generation.prompt_tokens(request.question, tokenizer), threshold)
 
 
 # ---------------------------------------------------------------- feature cache
@@ -199,6 +212,72 @@ class FeatureCache:
       self._entries.popitem(last=False)
 
 
+# ---------------------------------------------------------------- encode and decode rows
+
+def encode_batches(run, images: Sequence[np.ndarray], batch_size: int) -> list[np.ndarray]:
+  """ViT features (g, g, Dv) of ``images`` (each (S, S, 3)), ``batch_size`` at a time
+  (the last batch padded with zeros: one compiled encoder)."""
+  out = []
+  size = run.image_size
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    batch = np.zeros((batch_size, size, size, 3), np.float32)
+    batch[:len(chunk)] = np.stack(chunk)
+    features = np.asarray(evaluation.encode_images(run.graphdef, run.params, batch))
+    out.extend(features[:len(chunk)])
+  return out
+
+
+def decode_length(run, max_new_tokens: int | None = None) -> int:
+  """Decode steps a batch runs: ``max_new_tokens``, else ``data.max_text_len`` minus the
+  shortest prompt ([BOS, SEP])."""
+  return max_new_tokens or max(int(run.config.data.max_text_len) - 2, 1)
+
+
+def decode_rows(run, features: Sequence[np.ndarray], prompts: Sequence[np.ndarray], budgets: Sequence[int],
+                *, bucket: budgets_lib.Bucket, batch_size: int, max_new_tokens: int | None = None,
+                keep_logits: bool = False) -> list[dict]:
+  """Greedy answers of up to ``batch_size`` rows, each at its own budget in ``bucket``.
+
+  Prompts are left-padded to ``data.max_text_len`` and the batch is filled up with its first
+  row, so every call for a bucket has the same shapes (one compiled program). A row's answer
+  is cut at its first EOS or at ``max_new_tokens`` (None: ``data.max_text_len`` minus its
+  prompt, as ``generation.generate``).
+
+  Args:
+    features: per row (g, g, Dv); prompts: per row ``[BOS, ..., SEP]`` ids; budgets: per row.
+  Returns: per row ``{"ids" (n,) int32 answer tokens (EOS included when emitted), "answer"
+  text, "answer_prob", "min_token_prob" (product / minimum of their probabilities),
+  "logits" (n, vocab) with keep_logits}``.
+  """
+  if not 0 < len(prompts) <= batch_size:
+    raise ValueError(f"decode_rows takes 1..{batch_size} rows, got {len(prompts)}")
+  prompt_len = int(run.config.data.max_text_len)
+  fill = lambda rows: list(rows) + [rows[0]] * (batch_size - len(rows))   # fixed batch: one program
+  prefix = np.zeros((batch_size, prompt_len), np.int32)
+  mask = np.zeros((batch_size, prompt_len), bool)
+  for i, prompt in enumerate(fill(prompts)):          # left-padded: the SEP is last
+    prefix[i, prompt_len - len(prompt):] = prompt
+    mask[i, prompt_len - len(prompt):] = True
+  out = generation.decode_batch(run, np.stack(fill(features)), prefix, mask,
+                                np.asarray(fill(budgets), np.int32), bucket=bucket,
+                                max_new_tokens=decode_length(run, max_new_tokens), keep_logits=keep_logits)
+  eos_id = run.tokenizer.eos_id
+  rows = []
+  for i, prompt in enumerate(prompts):
+    limit = max_new_tokens or max(prompt_len - len(prompt), 1)
+    tokens = out["tokens"][i, :limit]
+    eos = np.flatnonzero(tokens == eos_id)
+    n = int(eos[0]) + 1 if eos.size else limit     # answer tokens, EOS included
+    logp = out["logprobs"][i, :n].astype(np.float64)
+    row = {"ids": tokens[:n].copy(), "answer": run.tokenizer.decode(tokens.tolist()),
+           "answer_prob": float(np.exp(logp.sum())), "min_token_prob": float(np.exp(logp.min()))}
+    if keep_logits:
+      row["logits"] = out["logits"][i, :n]
+    rows.append(row)
+  return rows
+
+
 # ---------------------------------------------------------------- the server
 
 @dataclasses.dataclass
@@ -210,7 +289,8 @@ class ServeStats:
   cache_hits: int = 0
   images_encoded: int = 0
   batches: int = 0
-  visual_tokens: int = 0          # summed budgets of the answered requests
+  visual_tokens: int = 0          # summed budgets of every decoder pass (a cascade's all count)
+  decoder_passes: int = 0         # rows decoded: one per answered request, more in a cascade
   programs: set = dataclasses.field(default_factory=set)  # decode shapes (buckets) used
   seconds: float = 0.0
 
@@ -226,7 +306,8 @@ class ServeStats:
     return (f"{self.requests} requests ({self.answered} answered, {self.errors} errors) in "
             f"{self.seconds:.2f} s: {self.requests_per_s:.1f} requests/s, "
             f"{self.visual_tokens_per_s:.0f} visual tokens/s; image cache {self.cache_hits} hits, "
-            f"{self.images_encoded} encoded; {self.batches} batches, {len(self.programs)} decode programs")
+            f"{self.images_encoded} encoded; {self.batches} batches, {len(self.programs)} decode programs"
+            + (f"; {self.decoder_passes} decoder passes (cascade)" if self.decoder_passes > self.answered else ""))
 
 
 @dataclasses.dataclass
@@ -237,8 +318,9 @@ class _Item:
   prompt: np.ndarray
   key: str
   cached: bool
-  features: np.ndarray | None = None    # (g, g, Dv), held from lookup to decoding
+  features: np.ndarray | None = None    # (g, g, Dv), held from lookup to the last decoder pass
   budget: int = 0
+  cascade: list | None = None           # under a Cascade: one entry per pass so far
 
 
 class Server:
@@ -248,7 +330,8 @@ class Server:
     batch_size: rows per encoder and decoder batch (every batch is padded to it).
     max_new_tokens: answer tokens at most; None: ``data.max_text_len`` minus the prompt,
       per request (as ``generation.generate``).
-    policy: ``policy(request, features (g, g, Dv)) -> budget`` for ``"auto"`` requests;
+    policy: ``policy(request, features (g, g, Dv)) -> budget`` for ``"auto"`` requests, or
+      a ``policies.Cascade`` (its budgets must be in the method's space);
       None: ``smallest_budget_policy`` of the run's trained budgets.
     cache: a ``FeatureCache`` (shared across calls; None: a new one).
     grouping: ``"bucket"`` (mixed budgets per batch) or ``"budget"`` (one budget per batch,
@@ -268,10 +351,15 @@ class Server:
     self.run, self.batch_size, self.grouping, self.keep_logits = run, batch_size, grouping, keep_logits
     self.space = run.method_space()
     self.policy = policy or smallest_budget_policy(run.spec.budgets)
+    if isinstance(self.policy, policies.Cascade):
+      bad = [b for b in self.policy.budgets if b not in self.space.budgets]
+      if bad:
+        raise ValueError(f"cascade budget(s) {bad} are not valid for method {run.method!r}; allowed: "
+                         f"{budgets_lib._describe(self.space.budgets)}")
     self.cache = cache if cache is not None else FeatureCache()
     self.max_new_tokens = max_new_tokens
     self.prompt_len = int(run.config.data.max_text_len)
-    self.decode_len = max_new_tokens or max(self.prompt_len - 2, 1)  # [BOS, SEP] at the least
+    self.decode_len = decode_length(run, max_new_tokens)
     self.stats = ServeStats()
 
   # ---------------------------------------------------------------- checks
@@ -299,53 +387,50 @@ class Server:
       return self.space.bucket(budget)
     return self.space.compact_bucket(budget)
 
-  # ---------------------------------------------------------------- encoding
-
-  def _encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
-    """ViT features of ``images`` (each (S, S, 3)), ``batch_size`` at a time (padded)."""
-    out = []
-    size = self.run.image_size
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      batch = np.zeros((self.batch_size, size, size, 3), np.float32)
-      batch[:len(chunk)] = np.stack(chunk)
-      features = np.asarray(evaluation.encode_images(self.run.graphdef, self.run.params, batch))
-      out.extend(features[:len(chunk)])
-    return out
-
   # ---------------------------------------------------------------- decoding
 
   def _decode_group(self, bucket: budgets_lib.Bucket, items: list[_Item], results: list) -> None:
-    tokenizer = self.run.tokenizer
+    """One decoder pass for every item (all served by ``bucket``), ``batch_size`` rows at a
+    time; a record per item in ``results`` (a cascade's earlier record is replaced)."""
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
-      rows = chunk + [chunk[0]] * (self.batch_size - len(chunk))   # fixed batch: one program
-      prefix = np.zeros((self.batch_size, self.prompt_len), np.int32)
-      mask = np.zeros((self.batch_size, self.prompt_len), bool)
-      for i, item in enumerate(rows):                 # left-padded: the SEP is last
-        prefix[i, self.prompt_len - len(item.prompt):] = item.prompt
-        mask[i, self.prompt_len - len(item.prompt):] = True
-      features = np.stack([item.features for item in rows])
-      budgets = np.asarray([item.budget for item in rows], np.int32)
-      out = generation.decode_batch(self.run, features, prefix, mask, budgets, bucket=bucket,
-                                    max_new_tokens=self.decode_len, keep_logits=self.keep_logits)
+      rows = decode_rows(self.run, [item.features for item in chunk], [item.prompt for item in chunk],
+                         [item.budget for item in chunk], bucket=bucket, batch_size=self.batch_size,
+                         max_new_tokens=self.max_new_tokens, keep_logits=self.keep_logits)
       self.stats.batches += 1
       self.stats.programs.add(bucket)
-      for i, item in enumerate(chunk):
-        limit = self.max_new_tokens or max(self.prompt_len - len(item.prompt), 1)
-        tokens = out["tokens"][i, :limit]
-        eos = np.flatnonzero(tokens == tokenizer.eos_id)
-        n = int(eos[0]) + 1 if eos.size else limit     # answer tokens, EOS included
-        logp = out["logprobs"][i, :n].astype(np.float64)
+      for item, row in zip(chunk, rows):
         record = {"id": item.request.id, "line": item.request.line, "budget": item.budget,
-                  "answer": tokenizer.decode(tokens.tolist()),
-                  "answer_prob": float(np.exp(logp.sum())), "min_token_prob": float(np.exp(logp.min())),
-                  "bucket": str(bucket), "cached": item.cached}
+                  "answer": row["answer"], "answer_prob": row["answer_prob"],
+                  "min_token_prob": row["min_token_prob"], "bucket": str(bucket), "cached": item.cached}
+        if item.cascade is not None:
+          item.cascade.append({"budget": item.budget, "answer_prob": row["answer_prob"],
+                               "min_token_prob": row["min_token_prob"]})
+          record["cascade"] = list(item.cascade)
         if self.keep_logits:
-          record["logits"] = out["logits"][i, :n]
+          record["logits"] = row["logits"]
         results[item.pos] = record
-        self.stats.answered += 1
+        self.stats.decoder_passes += 1
         self.stats.visual_tokens += item.budget
+
+  def _decode(self, items: list[_Item], results: list) -> None:
+    """Decodes every item at its budget, grouped by bucket; then a cascade's items whose
+    answer is not confident enough go again at their next budget (same features), until
+    none is left."""
+    while items:
+      groups = collections.defaultdict(list)
+      for item in items:
+        groups[self._bucket(item.budget)].append(item)
+      for bucket in sorted(groups):
+        self._decode_group(bucket, groups[bucket], results)
+      again = []
+      for item in items:
+        if item.cascade is not None:
+          nxt = self.policy.next_budget(item.budget, results[item.pos][self.policy.confidence])
+          if nxt is not None:
+            item.budget = nxt
+            again.append(item)
+      items = again
 
   # ---------------------------------------------------------------- serve
 
@@ -361,8 +446,10 @@ class Server:
     be served become ``{"id", "line", "error"}``; the others
     ``{"id", "line", "budget", "answer", "answer_prob", "min_token_prob", "bucket", "cached"}``
     (``answer_prob`` / ``min_token_prob``: product / minimum of the greedy answer tokens'
-    probabilities, EOS included; ``cached``: features came from the cache). ``self.stats``
-    holds this call's counts and timing.
+    probabilities, EOS included; ``cached``: features came from the cache); an ``"auto"``
+    request under a cascade also has ``"cascade"``, one ``{"budget", "answer_prob",
+    "min_token_prob"}`` per pass, the last being the answer given. ``self.stats`` holds this
+    call's counts and timing.
     """
     self.stats = stats = ServeStats(requests=len(requests))
     start = time.perf_counter()
@@ -401,12 +488,12 @@ class Server:
         keys.append(key)
       except ValueError as e:
         bad[key] = str(e)
-    fresh = dict(zip(keys, self._encode(images)))
+    fresh = dict(zip(keys, encode_batches(self.run, images, self.batch_size)))
     for key, features in fresh.items():
       self.cache.put(key, features)
     stats.images_encoded = len(fresh)
 
-    groups = collections.defaultdict(list)
+    ready = []
     for item in items:
       r = item.request
       try:
@@ -415,7 +502,9 @@ class Server:
         if item.features is None:
           item.features = fresh[item.key]
         budget = r.budget
-        if budget == AUTO:
+        if budget == AUTO and isinstance(self.policy, policies.Cascade):
+          budget, item.cascade = self.policy.budgets[0], []
+        elif budget == AUTO:
           try:
             budget = self.policy(r, item.features)
           except RequestError:
@@ -426,9 +515,9 @@ class Server:
       except RequestError as e:
         self._fail(results, item.pos, e)
         continue
-      groups[self._bucket(item.budget)].append(item)
-    for bucket in sorted(groups):
-      self._decode_group(bucket, groups[bucket], results)
+      ready.append(item)
+    self._decode(ready, results)
+    stats.answered = sum(1 for r in results if r is not None and "error" not in r)
     stats.seconds = time.perf_counter() - start
     return results
 

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "parcel_jax")
 # Thin command lines over the library: nothing inside the package imports them.
 ENTRY_POINTS = {"parcel_jax.train", "parcel_jax.evaluate", "parcel_jax.predict", "parcel_jax.compile",
-                "parcel_jax.export"}
+                "parcel_jax.export", "parcel_jax.compare_policies"}
 
 
 def _modules() -> dict[str, str]:
