@@ -76,6 +76,32 @@ PRESETS = {
         "grid": {"seed": ["0", "1", "2"]},
         "set": {"model.connector.method": "parcel"},
     },
+    "study": {
+        "help": "the whole comparison, meant as stage 2 of shared stage-1 runs (--set "
+                "'init.stage1_workdir=ROOT/stage1/seed={seed}'): no connector, PARCEL, M3 (one "
+                "scale per batch, and all scales per step), MQT (content+pos and pos_only keys), "
+                "the paper's ablations, M3 / MQT + self-attention, pooling specialists at 16 and "
+                "64 and image downsampling, 3 seeds each (45 runs)",
+        "variants": [
+            {"model.connector.method": "none"},
+            {"model.connector.method": "parcel"},
+            {"model.connector.method": "m3"},
+            {"model.connector.method": "m3", "budget.sampling": "all_scales"},
+            {"model.connector.method": "mqt"},
+            {"model.connector.method": "mqt", "model.connector.key_mode": "pos_only"},
+            {"model.connector.method": "parcel", "model.connector.routing": "fixed4x4"},
+            {"model.connector.method": "parcel", "model.connector.routing": "fixed2x2"},
+            {"model.connector.method": "parcel", "model.connector.conditioning": "none"},
+            {"model.connector.method": "parcel", "model.connector.conditioning": "dual_cross"},
+            {"model.connector.method": "m3", "model.connector.extra_self_attn": "True"},
+            {"model.connector.method": "mqt", "model.connector.extra_self_attn": "True"},
+            {"model.connector.method": "m3", "model.connector.budgets": "16,"},
+            {"model.connector.method": "m3", "model.connector.budgets": "64,"},
+            {"model.connector.method": "downsample"},
+        ],
+        "grid": {"seed": ["0", "1", "2"]},
+        "set": {},
+    },
 }
 
 LAUNCHERS = ("local", "tpu_pod", "slurm")

@@ -210,6 +210,22 @@ def test_sweep_preset_reproduction(tmp_path):
   assert "--config.model.connector.budgets=64," in specialist
 
 
+def test_sweep_preset_study_runs_every_variant_from_its_seeds_stage1(tmp_path):
+  r = sweep("--dry-run", "--preset=study", f"--workdir_root={tmp_path}/s2",
+            "--set", f"init.stage1_workdir={tmp_path}/s1/seed={{seed}}")
+  assert r.returncode == 0, r.stderr
+  argvs = [shlex.split(l) for l in lines(r.stdout)]
+  names = [os.path.basename(a[4].split("=", 1)[1]) for a in argvs]
+  assert len(argvs) == len(set(names)) == 15 * 3
+  for want in ("method=m3,sampling=all_scales,seed=1", "method=mqt,key_mode=pos_only,seed=0",
+               "method=parcel,routing=fixed4x4,seed=2", "method=mqt,extra_self_attn=True,seed=1",
+               "method=downsample,seed=0", "method=none,seed=2"):
+    assert want in names, want
+  for a in argvs:
+    seed = next(x for x in a if x.startswith("--config.seed=")).split("=")[1]
+    assert f"--config.init.stage1_workdir={tmp_path}/s1/seed={seed}" in a
+
+
 def test_sweep_set_templates_point_stage2_runs_at_their_seeds_stage1(tmp_path):
   r = sweep("--dry-run", f"--workdir_root={tmp_path}/s2", "--grid", "model.connector.method=parcel,m3",
             "--grid", "seed=0,2", "--set", f"init.stage1_workdir={tmp_path}/s1/seed={{seed}}")
