@@ -125,7 +125,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the default): for the CPU task more of the slow spatial families, less of detail (learned
   # first). The eval stream stays uniform.
   c.data.family_weights = ml_collections.ConfigDict(
-      dict(grounding=3.0, relation=2.0, detail=1.0, counting=2.0, mixed=2.0))
+      dict(grounding=3.0, relation=2.0, detail=1.0, counting=2.0, mixed=2.0,
+           fine_grounding=3.0, fine_detail=1.0, reading=1.0))
   c.data.max_text_len = 16           # prefix + suffix tokens, padded
   c.data.num_threads = 2             # Grain prefetch threads; 0 = synchronous
 
