@@ -140,9 +140,10 @@ def xla_flops(fn: Callable[..., Any], *args) -> float:
   return compiled_flops(jax.jit(fn).lower(*args).compile())
 
 
-def xla_forward_flops(config, budget: int) -> float:
-  """XLA's FLOP count of the compiled forward pass that ``cost`` models: one image at the
-  compact shape of ``budget`` plus the paper's 129-token text prefix, logits over the text.
+def xla_forward_flops(config, budget: int, frames: int = 1) -> float:
+  """XLA's FLOP count of the compiled forward pass that ``cost`` models: one image (or
+  ``frames`` frames, each at ``budget``) at the compact shape of ``budget`` plus the paper's
+  text prefix (``text_tokens``), logits over the text.
 
   Built from abstract shapes only (nothing is allocated), so it works for any size.
   """
@@ -155,8 +156,9 @@ def xla_forward_flops(config, budget: int) -> float:
 
   model_cfg, spec = config_lib.validate_config(config)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(0))))
-  v, n_t = config.model.vision, IMAGE_TEXT_TOKENS
-  image = jax.ShapeDtypeStruct((1, v.image_size, v.image_size, 3), jnp.float32)
+  v, n_t = config.model.vision, text_tokens(frames)
+  frame_axis = () if frames == 1 else (frames,)   # one image: the model's (b, S, S, 3) input
+  image = jax.ShapeDtypeStruct((1, *frame_axis, v.image_size, v.image_size, 3), jnp.float32)
   text = jax.ShapeDtypeStruct((1, n_t), jnp.int32)
   mask = jax.ShapeDtypeStruct((1, n_t), jnp.bool_)
   budgets = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -208,7 +210,7 @@ def main(argv) -> None:
           file=sys.stderr)
   if flags.FLAGS.xla:  # XLA's count of the compiled forward pass next to the model's
     for b, c in rows:
-      c["xla_forward"] = xla_forward_flops(config, b)
+      c["xla_forward"] = xla_forward_flops(config, b, frames)
       c["xla_over_model"] = c["xla_forward"] / c["total"]
   if flags.FLAGS.json:
     print(json.dumps({str(b): c for b, c in rows}, indent=2))
@@ -229,7 +231,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("frames", 1, "Frames T (video when > 1: N_t = 65).")
   flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
   flags.DEFINE_bool("xla", False, "Also compile the forward pass and report XLA's FLOP count "
-                    "and its ratio to the cost model (images only).")
+                    "and its ratio to the cost model.")
   flags.mark_flags_as_required(["config"])
 
 

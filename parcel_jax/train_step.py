@@ -47,12 +47,13 @@ def make_train_step(graphdef, tx, *, accum_steps: int, mesh=None, loss_chunk: in
     if loss_chunk:
       hidden = model.text_hidden(model.encode_images(micro["image"]), micro["text"],
                                  micro["text_mask"], micro["ar_mask"], bucket=bucket, budgets=budgets,
-                                 has_image=micro.get("has_image"))
+                                 has_image=micro.get("has_image"), frame_mask=micro.get("frame_mask"))
       loss_sum, count, em = losses.chunked_token_loss(
           hidden, micro["targets"], micro["loss_mask"], model.decoder.logits_fn(), loss_chunk)
       return loss_sum, (count, jnp.sum(em))
     logits = model(micro["image"], micro["text"], micro["text_mask"], micro["ar_mask"],
-                   bucket=bucket, budgets=budgets, has_image=micro.get("has_image"))
+                   bucket=bucket, budgets=budgets, has_image=micro.get("has_image"),
+                   frame_mask=micro.get("frame_mask"))
     loss_sum, count = losses.token_loss(logits, micro["targets"], micro["loss_mask"])
     em = losses.exact_match(logits, micro["targets"], micro["loss_mask"])
     return loss_sum, (count, jnp.sum(em))

@@ -267,3 +267,18 @@ def test_cli_names_a_field_of_another_method(tmp_path):
                        text=True, timeout=60)
   assert bad.returncode != 0 and ("model.connector.routing='fixed4x4' is a field of method 'parcel', "
                                   "not of method 'mqt'") in bad.stderr
+
+
+def test_xla_forward_flops_ratio_for_16_frames():
+  """16 frames (each through the ViT and connector at B; T*B + 65 tokens prefilled): XLA's
+  count of the compiled forward vs ``cost(frames=16)``, within the single-image tolerance."""
+  from configs import base
+  config = base.get_config()
+  for budget in (16, 100):
+    xla = flops.xla_forward_flops(config, budget, frames=16)
+    model = flops.cost(config, budget, frames=16)
+    ratio = xla / model["total"]
+    print(f"\n16 frames, B={budget}: XLA {xla / 1e9:.4f} GFLOPs, model {model['total'] / 1e9:.4f} "
+          f"GFLOPs, ratio {ratio:.3f}")
+    assert 0.95 < ratio < 1.5
+    assert model["llm"] == flops.llm_prefill_flops(16 * budget + 65, config.model.decoder)

@@ -94,3 +94,77 @@ def test_paper_size_parameter_counts():
   assert counts["projection"] == d * D + D
   assert counts["connector"] == conn_count
   assert counts["total"] == vit_count + dec_count + d * D + D + conn_count
+
+
+# ------------------------------------------------------------------ several frames per example
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _frame_logits(graphdef, params, frames, text, text_mask, budgets, frame_mask, bucket):
+  ar = jnp.arange(text.shape[1])[None] >= 5
+  model = nnx.merge(graphdef, params)
+  return model(frames, text, text_mask, jnp.broadcast_to(ar, text.shape), bucket=bucket,
+               budgets=budgets, frame_mask=frame_mask)
+
+
+@pytest.mark.parametrize("method", ["parcel", "m3"])
+def test_padded_frames_equal_the_real_frames_alone(method):
+  """A batch with missing frames (frame_mask False) at a padded bucket gives, on every valid
+  text position, the logits of each example run alone with only its real frames, compact."""
+  rng = np.random.default_rng()
+  model = vlm.VLM(tiny_model_config(method), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  graphdef, params = nnx.split(model)
+  spec = B.BudgetSpec.from_config(ml_collections.ConfigDict(dict(
+      method=method, routing="piecewise", bank_size=0, budgets=(), query_bucket=64)), GRID)
+  t = 4
+  frames = jnp.asarray(rng.uniform(-1, 1, size=(2, t, 32, 32, 3)), jnp.float32)
+  _, text, text_mask = random_inputs(rng)
+  frame_mask = np.ones((2, t), bool)
+  for row in range(2):   # a random non-empty subset of real frames, anywhere in the sequence
+    frame_mask[row, rng.permutation(t)[:rng.integers(0, t)]] = False
+  budget = int(rng.choice([b for b in spec.budgets if spec.bucket(b) != spec.compact_bucket(b)]
+                          or spec.budgets))
+  vec = jnp.full((2,), budget, jnp.int32)
+  padded = _frame_logits(graphdef, params, frames, text, text_mask, vec, jnp.asarray(frame_mask),
+                         spec.bucket(budget))
+  for row in range(2):
+    real = frames[row:row + 1, np.flatnonzero(frame_mask[row])]
+    alone = _frame_logits(graphdef, params, real, text[row:row + 1], text_mask[row:row + 1],
+                          vec[:1], None, spec.compact_bucket(budget))
+    valid = np.asarray(text_mask[row])
+    assert_rel_close(np.asarray(padded[row])[valid], np.asarray(alone[0])[valid], 1e-5)
+
+
+def test_frame_tokens_are_each_frames_tokens_in_order():
+  """T frames give T*slots tokens: frame i's tokens (and mask) are those of frame i encoded
+  as a single image, at its example's budget; a missing frame's slots are all masked."""
+  rng = np.random.default_rng()
+  model = vlm.VLM(tiny_model_config("parcel"), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  t, bucket = 3, B.Bucket(8, 64)
+  frames = jnp.asarray(rng.uniform(-1, 1, size=(2, t, 32, 32, 3)), jnp.float32)
+  budgets = jnp.asarray(rng.choice([66, 80, 128], size=2), jnp.int32)
+  frame_mask = jnp.asarray([[True, False, True], [True, True, True]])
+  tokens, mask = model.visual_tokens(model.encode_images(frames), bucket, budgets, frame_mask)
+  assert tokens.shape == (2, t * bucket.num_slots, 32) and mask.shape == (2, t * bucket.num_slots)
+  slots = bucket.num_slots
+  for i in range(t):
+    single, single_mask = model.visual_tokens(model.encode_images(frames[:, i]), bucket, budgets)
+    assert_rel_close(tokens[:, i * slots:(i + 1) * slots], single, 1e-5)
+    want = np.asarray(single_mask) & np.asarray(frame_mask)[:, i:i + 1]
+    np.testing.assert_array_equal(np.asarray(mask[:, i * slots:(i + 1) * slots]), want)
+  np.testing.assert_array_equal(np.asarray(mask).sum(1), np.asarray(budgets) * [2, 3])
+
+
+def test_one_frame_is_the_single_image_and_frame_order_matters():
+  rng = np.random.default_rng()
+  model = vlm.VLM(tiny_model_config("parcel"), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  graphdef, params = nnx.split(model)
+  images, text, text_mask = random_inputs(rng)
+  vec, bucket = jnp.full((2,), 100, jnp.int32), B.Bucket(8, 36)
+  single = _frame_logits(graphdef, params, images, text, text_mask, vec, None, bucket)
+  one = _frame_logits(graphdef, params, images[:, None], text, text_mask, vec, None, bucket)
+  valid = np.asarray(text_mask)
+  assert_rel_close(np.asarray(one)[valid], np.asarray(single)[valid], 1e-6)
+  frames = jnp.stack([images, images[::-1]], axis=1)          # (2, 2, S, S, 3)
+  forward = _frame_logits(graphdef, params, frames, text, text_mask, vec, None, bucket)
+  reverse = _frame_logits(graphdef, params, frames[:, ::-1], text, text_mask, vec, None, bucket)
+  assert np.abs(np.asarray(forward) - np.asarray(reverse))[valid].max() > 1e-4

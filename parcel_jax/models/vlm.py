@@ -7,6 +7,12 @@ they neither attend nor are attended to and do not advance positions, so a
 bucketed forward pass equals the compact one on every valid position.
 ``has_image`` (b,) False marks a text-only example: all its visual slots are
 masked so, whatever its (dummy) image and budget, it equals a text-only run.
+
+Several frames (video, or several images) per example: images (b, T, H, W, 3) with a
+``frame_mask`` (b, T). Every frame goes through the ViT and the connector on its own at the
+example's budget (folded into the batch, (b*T, ...)), and the frames' tokens are concatenated
+in frame order, ``[frame 0 (slots); ...; frame T-1 (slots); text]``. A missing frame's slots
+are masked, so a padded example equals the same example with only its real frames.
 """
 
 from __future__ import annotations
@@ -123,11 +129,32 @@ class VLM(nnx.Module):
     self.decoder = gemma.Decoder(cfg.decoder, rngs=rngs)
 
   def encode_images(self, images: Array) -> Array:
-    """(b, H, W, 3) in [-1, 1] -> features (b, grid, grid, vision width)."""
+    """(b, H, W, 3) in [-1, 1] -> features (b, grid, grid, vision width); frames
+    (b, T, H, W, 3) -> (b, T, grid, grid, vision width), each frame encoded on its own."""
+    if images.ndim == 5:
+      b, t = images.shape[:2]
+      features = self.encode_images(images.reshape(b * t, *images.shape[2:]))
+      return features.reshape(b, t, *features.shape[1:])
     return self.vision(images)
 
-  def visual_tokens(self, features: Array, bucket: Bucket, budgets: Array) -> tuple[Array, Array]:
-    """features (b, g, g, Dv), budgets (b,) -> tokens (b, slots, Dl), mask (b, slots)."""
+  def visual_tokens(self, features: Array, bucket: Bucket, budgets: Array,
+                    frame_mask: Array | None = None) -> tuple[Array, Array]:
+    """features (b, g, g, Dv), budgets (b,) -> tokens (b, slots, Dl), mask (b, slots).
+
+    Frames: features (b, T, g, g, Dv), ``frame_mask`` (b, T) (None = every frame is real) ->
+    tokens (b, T*slots, Dl) in frame order, mask (b, T*slots): every frame at its example's
+    budget, a missing frame's slots masked."""
+    if features.ndim == 5:
+      b, t = features.shape[:2]
+      tokens, mask = self.visual_tokens(features.reshape(b * t, *features.shape[2:]), bucket,
+                                        jnp.repeat(budgets, t))
+      mask = mask.reshape(b, t, bucket.num_slots)
+      if frame_mask is not None:
+        mask = mask & frame_mask.astype(bool)[:, :, None]
+      tokens = sharding.constrain(tokens.reshape(b, t * bucket.num_slots, -1), layers.BTD)
+      return tokens, mask.reshape(b, t * bucket.num_slots)
+    if frame_mask is not None:
+      raise ValueError(f"frame_mask is for frames (b, T, g, g, Dv); features are {features.shape}")
     tokens, mask = self.connector(features, bucket, budgets)
     chex.assert_shape(tokens, (features.shape[0], bucket.num_slots, self.cfg.vision.width))
     tokens = sharding.constrain(tokens, layers.BTD)
@@ -135,12 +162,14 @@ class VLM(nnx.Module):
 
   def decoder_inputs(self, features: Array, text: Array, text_mask: Array, *, bucket: Bucket,
                      budgets: Array, ar_mask: Array | None = None,
-                     has_image: Array | None = None) -> tuple[Array, Array]:
+                     has_image: Array | None = None,
+                     frame_mask: Array | None = None) -> tuple[Array, Array]:
     """The decoder's input sequence ``[visual tokens (bucket.num_slots); embedded text (L)]``
     (b, slots + L, Dl) and its validity mask (b, slots + L). ``ar_mask`` (b, L) marks the
     causal suffix; None = the text is all prompt (prefill). ``has_image`` (b,) False masks
-    every visual slot of that example (text-only); None = every example has its image."""
-    visual, visual_mask = self.visual_tokens(features, bucket, budgets)
+    every visual slot of that example (text-only); None = every example has its image.
+    Frames (features (b, T, ...), ``frame_mask`` (b, T)): T*slots visual tokens."""
+    visual, visual_mask = self.visual_tokens(features, bucket, budgets, frame_mask)
     if has_image is not None:
       visual_mask = visual_mask & has_image.astype(bool)[:, None]
     prompt = text_mask.astype(bool)
@@ -151,18 +180,21 @@ class VLM(nnx.Module):
     return x, jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
 
   def text_hidden(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
-                  bucket: Bucket, budgets: Array, has_image: Array | None = None) -> Array:
+                  bucket: Bucket, budgets: Array, has_image: Array | None = None,
+                  frame_mask: Array | None = None) -> Array:
     """The decoder's final hidden states (after the final norm) at the text positions,
     (b, L, Dl), given precomputed vision features; ``text_logits`` applies the head."""
-    b = text.shape[0]
+    b, length = text.shape
     x, input_mask = self.decoder_inputs(features, text, text_mask, bucket=bucket, budgets=budgets,
-                                        ar_mask=ar_mask, has_image=has_image)
-    ar = jnp.concatenate([jnp.zeros((b, bucket.num_slots), bool), ar_mask.astype(bool)], axis=1)
+                                        ar_mask=ar_mask, has_image=has_image, frame_mask=frame_mask)
+    num_visual = x.shape[1] - length   # slots, or T*slots for frames
+    ar = jnp.concatenate([jnp.zeros((b, num_visual), bool), ar_mask.astype(bool)], axis=1)
     hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
-    return hidden[:, bucket.num_slots:]
+    return hidden[:, num_visual:]
 
   def text_logits(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
-                  bucket: Bucket, budgets: Array, has_image: Array | None = None) -> Array:
+                  bucket: Bucket, budgets: Array, has_image: Array | None = None,
+                  frame_mask: Array | None = None) -> Array:
     """Logits over the text positions given precomputed vision features.
 
     Args:
@@ -170,19 +202,25 @@ class VLM(nnx.Module):
       text, text_mask, ar_mask: (b, L); ``ar_mask`` True marks causal (suffix) tokens.
       bucket: static visual layout; budgets: (b,) int32 visual tokens per example.
       has_image: (b,) bool, False for a text-only example (no visual tokens); None = all True.
+      frame_mask: (b, T) bool for frames (features (b, T, g, g, Dv)): False for a missing
+        frame; None = every frame is real.
     Returns: (b, L, vocab).
     """
     b, length = text.shape
     logits = self.decoder.logits(self.text_hidden(features, text, text_mask, ar_mask,
-                                                  bucket=bucket, budgets=budgets, has_image=has_image))
+                                                  bucket=bucket, budgets=budgets, has_image=has_image,
+                                                  frame_mask=frame_mask))
     chex.assert_shape(logits, (b, length, self.cfg.decoder.vocab_size))
     return logits
 
   def __call__(self, images: Array, text: Array, text_mask: Array, ar_mask: Array, *,
-               bucket: Bucket, budgets: Array, has_image: Array | None = None) -> Array:
-    """images (b, H, W, 3), text/masks (b, L), budgets (b,) -> logits (b, L, vocab)."""
+               bucket: Bucket, budgets: Array, has_image: Array | None = None,
+               frame_mask: Array | None = None) -> Array:
+    """images (b, H, W, 3) or frames (b, T, H, W, 3) with ``frame_mask`` (b, T), text/masks
+    (b, L), budgets (b,) -> logits (b, L, vocab)."""
     return self.text_logits(self.encode_images(images), text, text_mask, ar_mask,
-                            bucket=bucket, budgets=budgets, has_image=has_image)
+                            bucket=bucket, budgets=budgets, has_image=has_image,
+                            frame_mask=frame_mask)
 
 
 def parameter_counts(model: VLM) -> dict[str, int]:
