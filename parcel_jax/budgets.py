@@ -166,6 +166,19 @@ class BudgetSpec:
     anchors, queries = self.route(budget)
     return Bucket(math.isqrt(anchors), queries)
 
+  def encoding_bucket(self, budget: int) -> Bucket | None:
+    """What the ViT features for ``budget`` depend on besides the image, for
+    ``VLM.encode_images``: None when one encoding serves every budget; the compact bucket
+    when the method encodes per budget (``Connector.encodes_per_budget``). Callers that
+    encode once and score many budgets (evaluation, generation, serving) encode once per
+    distinct value, and a feature cache keys on it."""
+    return self.compact_bucket(budget) if self.encodes_per_budget else None
+
+  @property
+  def encodes_per_budget(self) -> bool:
+    """Whether the ViT features depend on the budget (``Connector.encodes_per_budget``)."""
+    return connectors.method_class(self.method).encodes_per_budget
+
   @property
   def buckets(self) -> tuple[Bucket, ...]:
     return tuple(sorted({self.bucket(b) for b in self.budgets}))

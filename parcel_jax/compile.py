@@ -226,7 +226,7 @@ def compile_serving(config, topology, *, budgets, batch: int, mfu: float = 0.4,
 
     def prefill(params, images, text, text_mask, budget_vec, bucket=bucket, cache_size=cache_size):
       model = nnx.merge(graphdef, params)
-      return generation.prefill(model, model.encode_images(images), text, text_mask, budget_vec,
+      return generation.prefill(model, model.encode_images(images, bucket), text, text_mask, budget_vec,
                                 bucket=bucket, cache_size=cache_size)
 
     jitted = jax.jit(prefill, in_shardings=(param_shardings, *(a.sharding for a in

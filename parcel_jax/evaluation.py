@@ -50,10 +50,11 @@ from parcel_jax.data import pipeline, synthetic
 # Module-level jitted pieces (the graph definition is static and hashable), so repeated
 # evaluations of the same architecture reuse the compiled programs.
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def encode_images(graphdef, params, images):
-  """images (b, H, W, 3) -> ViT features (b, g, g, Dv)."""
-  return nnx.merge(graphdef, params).encode_images(images)
+@functools.partial(jax.jit, static_argnames=("graphdef", "bucket"))
+def encode_images(graphdef, params, images, bucket=None):
+  """images (b, H, W, 3) -> ViT features (b, g, g, Dv); ``bucket``: ``BudgetSpec.encoding_bucket``
+  of the budget they are for (None: every budget's, for a method that encodes once)."""
+  return nnx.merge(graphdef, params).encode_images(images, bucket)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "bucket"))
@@ -111,7 +112,8 @@ def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, me
   """Exact match per budget and task family on the eval stream.
 
   Each image batch is encoded once; its vision features are reused for every
-  budget, which runs at its compact shape (exactly B visual tokens).
+  budget, which runs at its compact shape (exactly B visual tokens). A method that encodes
+  per budget (``BudgetSpec.encoding_bucket``) encodes the batch once per budget.
   ``encode_once=False`` re-encodes the images for every budget (same numbers,
   slower: a baseline for ``benchmarks/encode_once.py``).
 
@@ -147,9 +149,12 @@ def evaluate(graphdef, params, config, spec: budgets_lib.BudgetSpec, budgets, me
     images = device_batch.pop("image")
     # family/valid stay with the batch so that the gathers below keep rows aligned.
     host_rows = _to_host({k: device_batch.pop(k) for k in ("family", "valid")})
-    features = encode_images(graphdef, params, images) if encode_once else None
+    encoded = {}   # encoding bucket -> features: one entry unless the method encodes per budget
     for b in budgets:
-      f = features if encode_once else encode_images(graphdef, params, images)
+      key = spec.encoding_bucket(b)
+      if key not in encoded or not encode_once:
+        encoded[key] = encode_images(graphdef, params, images, key)
+      f = encoded[key]
       budget_vec = jax.make_array_from_process_local_data(
           batch_spec, np.full((len(batch["image"]),), b, np.int32))
       out = _score(graphdef, params, f, device_batch, budget_vec, bucket=buckets[b])

@@ -4,6 +4,8 @@ One multiply-add = 2 FLOPs; norms, activations, softmax, biases and the paramete
 pooling are omitted, as in the paper. Symbols (all from the config):
 
   N_v = (image_size / patch_size)^2 patch tokens per frame, D_v / L_v / M_v ViT width / depth / MLP
+      (a method that encodes per budget runs the ViT at its own grid, ``Connector.vision_grid``:
+      N_v is that grid's size, e.g. B for an image downsampled to the budget's grid)
   D_l / L_l / M_l decoder width / depth / MLP, H_q / H_kv query / KV heads, d_h head dim, V vocab
   B visual tokens per frame = N_p anchors + N_q queries (the method's routing), T frames
   N_t text prefix = 129 for images, 65 for video;  N_tot = T B + N_t tokens prefilled
@@ -106,9 +108,12 @@ def cost(config, budget: int, frames: int = 1) -> dict[str, int]:
     raise ValueError(f"frames must be >= 1, got {frames}")
   vis, dec, con = config.model.vision, config.model.decoder, config.model.connector
   grid = grid_size(config)
-  n_v = grid * grid
   method_cfg = connectors.config_from_section(con, grid_size=grid)
   n_p, n_q = budgets_lib.route_of(method_cfg, budget)
+  # The ViT runs at the method's grid for this budget: the full grid, or for a method that
+  # encodes per budget (downsampled images) a coarser one; the connector reads what it made.
+  bucket = budgets_lib.Bucket(math.isqrt(n_p), n_q)
+  n_v = connectors.method_class(method_cfg.method).vision_grid(method_cfg, bucket) ** 2
   n_t = text_tokens(frames)
   n_tot = frames * budget + n_t
 

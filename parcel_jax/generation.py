@@ -1,6 +1,7 @@
 r"""Greedy answers to a question about an image at one or more visual-token budgets.
 
-The command line is ``parcel_jax.predict``. The image is encoded by the ViT once;
+The command line is ``parcel_jax.predict``. The image is encoded by the ViT once (once per
+budget for a method that encodes per budget, ``BudgetSpec.encoding_bucket``);
 every budget then runs at its compact shape (exactly B visual tokens): connector ->
 projection -> ``decoder.prefill`` over ``[visual; BOS question SEP]`` (the PaliGemma
 prefix, attended bidirectionally) -> greedy ``decode_step``s with the KV cache until
@@ -212,8 +213,11 @@ def generate(run, image: np.ndarray, question: str, budgets, *,
   if max_new_tokens is None:
     max_new_tokens = max(run.config.data.max_text_len - prefix.shape[1], 1)
   budgets = check_budgets(run, budgets)  # before anything compiles
-  features = evaluation.encode_images(run.graphdef, run.params, jnp.asarray(image)[None])  # once
+  space, encoded = run.method_space(), {}   # once, or once per budget (``encoding_bucket``)
   answers = {}
   for b in budgets:
-    answers[b] = tokenizer.decode(greedy_tokens(run, features, prefix, b, max_new_tokens)[0])
+    key = space.encoding_bucket(b)
+    if key not in encoded:
+      encoded[key] = evaluation.encode_images(run.graphdef, run.params, jnp.asarray(image)[None], key)
+    answers[b] = tokenizer.decode(greedy_tokens(run, encoded[key], prefix, b, max_new_tokens)[0])
   return answers

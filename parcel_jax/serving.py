@@ -5,7 +5,10 @@ of requests (image, question, budget: an int or ``"auto"``) with KV-cache greedy
 
   1. Each image file is read and hashed (sha256 of its bytes). Images already in the
      ``FeatureCache`` are not decoded or encoded again (a hit); the others are encoded by
-     the ViT in batches of ``batch_size`` (padded: one compiled encoder).
+     the ViT in batches of ``batch_size`` (padded: one compiled encoder). A method whose
+     ViT input depends on the budget (``BudgetSpec.encoding_bucket``) caches and encodes an
+     image once per such encoding, an ``"auto"`` request's once its budget is chosen (its
+     policy is given no features; a cascade's later passes encode at their budget).
   2. ``"auto"`` budgets are chosen by the server's ``policy(request, features) -> budget``
      (``smallest_budget_policy``, ``policy_from_scores``, ``router_policy``), or by a
      ``policies.Cascade``: the request is answered at the ladder's first budget and, while
@@ -172,8 +175,9 @@ def router_policy(router: router_lib.Router, tokenizer, threshold: float | None 
 # ---------------------------------------------------------------- feature cache
 
 class FeatureCache:
-  """ViT features (g, g, Dv) by image content hash (sha256 of the file bytes), least
-  recently used evicted beyond ``max_entries``. ``hits`` / ``misses`` count lookups."""
+  """ViT features (g, g, Dv) by image content hash (sha256 of the file bytes) and, for a
+  method that encodes per budget, the encoding they are for (``key``); least recently used
+  evicted beyond ``max_entries``. ``hits`` / ``misses`` count lookups."""
 
   def __init__(self, max_entries: int = 4096):
     if max_entries < 1:
@@ -183,8 +187,11 @@ class FeatureCache:
     self.hits = self.misses = 0
 
   @staticmethod
-  def key(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+  def key(data: bytes, encoding: budgets_lib.Bucket | None = None) -> str:
+    """The entry of an image file's features; ``encoding``: ``BudgetSpec.encoding_bucket`` of
+    the budget they are for (None for a method whose features serve every budget)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return digest if encoding is None else f"{digest}@{encoding}"
 
   def __contains__(self, key: str) -> bool:
     return key in self._entries
@@ -214,16 +221,18 @@ class FeatureCache:
 
 # ---------------------------------------------------------------- encode and decode rows
 
-def encode_batches(run, images: Sequence[np.ndarray], batch_size: int) -> list[np.ndarray]:
+def encode_batches(run, images: Sequence[np.ndarray], batch_size: int,
+                   encoding: budgets_lib.Bucket | None = None) -> list[np.ndarray]:
   """ViT features (g, g, Dv) of ``images`` (each (S, S, 3)), ``batch_size`` at a time
-  (the last batch padded with zeros: one compiled encoder)."""
+  (the last batch padded with zeros: one compiled encoder); ``encoding``: see
+  ``evaluation.encode_images``."""
   out = []
   size = run.image_size
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
     batch = np.zeros((batch_size, size, size, 3), np.float32)
     batch[:len(chunk)] = np.stack(chunk)
-    features = np.asarray(evaluation.encode_images(run.graphdef, run.params, batch))
+    features = np.asarray(evaluation.encode_images(run.graphdef, run.params, batch, encoding))
     out.extend(features[:len(chunk)])
   return out
 
@@ -316,10 +325,11 @@ class _Item:
   pos: int
   request: Request
   prompt: np.ndarray
-  key: str
-  cached: bool
+  data: bytes                           # the image file
+  budget: int | None = None             # None: "auto", not chosen yet
+  cached: bool | None = None            # its first features came from the cache
+  feature_key: str | None = None        # the ``FeatureCache.key`` of ``features``
   features: np.ndarray | None = None    # (g, g, Dv), held from lookup to the last decoder pass
-  budget: int = 0
   cascade: list | None = None           # under a Cascade: one entry per pass so far
 
 
@@ -332,7 +342,8 @@ class Server:
       per request (as ``generation.generate``).
     policy: ``policy(request, features (g, g, Dv)) -> budget`` for ``"auto"`` requests, or
       a ``policies.Cascade`` (its budgets must be in the method's space);
-      None: ``smallest_budget_policy`` of the run's trained budgets.
+      None: ``smallest_budget_policy`` of the run's trained budgets. A method that encodes
+      per budget has no features before the budget is chosen: the policy gets None.
     cache: a ``FeatureCache`` (shared across calls; None: a new one).
     grouping: ``"bucket"`` (mixed budgets per batch) or ``"budget"`` (one budget per batch,
       compact shapes).
@@ -361,6 +372,7 @@ class Server:
     self.prompt_len = int(run.config.data.max_text_len)
     self.decode_len = decode_length(run, max_new_tokens)
     self.stats = ServeStats()
+    self._images: dict[str, np.ndarray | str] = {}   # during ``serve``: see ``_image``
 
   # ---------------------------------------------------------------- checks
 
@@ -415,8 +427,8 @@ class Server:
 
   def _decode(self, items: list[_Item], results: list) -> None:
     """Decodes every item at its budget, grouped by bucket; then a cascade's items whose
-    answer is not confident enough go again at their next budget (same features), until
-    none is left."""
+    answer is not confident enough go again at their next budget (same features, unless
+    the method encodes per budget), until none is left."""
     while items:
       groups = collections.defaultdict(list)
       for item in items:
@@ -430,7 +442,7 @@ class Server:
           if nxt is not None:
             item.budget = nxt
             again.append(item)
-      items = again
+      items = self._attach_features(again, results)   # the same, unless encoded per budget
 
   # ---------------------------------------------------------------- serve
 
@@ -438,6 +450,60 @@ class Server:
     logging.warning("skipped %s", error)
     results[pos] = error.record()
     self.stats.errors += 1
+
+  def _image(self, item: _Item) -> np.ndarray | str:
+    """The item's decoded image (once per ``serve`` call), or why it is not one."""
+    key = FeatureCache.key(item.data)
+    if key not in self._images:
+      try:
+        self._images[key] = generation.decode_image(item.data, self.run.image_size,
+                                                    f"image {item.request.image}")
+      except ValueError as e:
+        self._images[key] = str(e)
+    return self._images[key]
+
+  def _attach_features(self, items: list[_Item], results: list) -> list[_Item]:
+    """Gives every item the features for its budget (``BudgetSpec.encoding_bucket``; one set
+    for every budget, and for an undecided one, when the method encodes once): from the
+    cache, or decoded and encoded ``batch_size`` at a time. An item whose image cannot be
+    decoded gets an error record and is left out of the items returned (in order)."""
+    pending, keyed = {}, []                    # feature key -> (encoding, image); (item, key)
+    for item in items:
+      encoding = None if item.budget is None else self.space.encoding_bucket(item.budget)
+      key = FeatureCache.key(item.data, encoding)
+      keyed.append((item, key))
+      if key == item.feature_key:              # it holds them already (a later cascade pass)
+        continue
+      # A hit: encoded by an earlier call, or for an earlier request of this one.
+      hit = self.cache.lookup(key) or key in pending
+      if item.cached is None:
+        item.cached = hit
+        self.stats.cache_hits += hit
+      item.feature_key, item.features = key, None
+      if key in self.cache:
+        item.features = self.cache.get(key)    # held: later puts may evict it
+      elif key not in pending:
+        pending[key] = (encoding, self._image(item))
+    by_encoding = collections.defaultdict(dict)
+    for key, (encoding, image) in pending.items():
+      if not isinstance(image, str):
+        by_encoding[encoding][key] = image
+    fresh = {}
+    for encoding, images in by_encoding.items():
+      fresh.update(zip(images, encode_batches(self.run, list(images.values()), self.batch_size, encoding)))
+    for key, features in fresh.items():
+      self.cache.put(key, features)
+    self.stats.images_encoded += len(fresh)
+    out = []
+    for item, key in keyed:
+      if item.features is None and key not in fresh:
+        r = item.request
+        self._fail(results, item.pos, RequestError(r.line, r.id, pending[key][1]))
+        continue
+      if item.features is None:
+        item.features = fresh[key]
+      out.append(item)
+    return out
 
   def serve(self, requests: Sequence[Request | RequestError]) -> list[dict]:
     """Answers every request; one record per request, in order.
@@ -453,16 +519,16 @@ class Server:
     """
     self.stats = stats = ServeStats(requests=len(requests))
     start = time.perf_counter()
+    self._images = {}
     results: list = [None] * len(requests)
-    items, to_encode = [], {}                   # key -> (image bytes, first request)
+    items = []
     for pos, request in enumerate(requests):
       if isinstance(request, RequestError):
         self._fail(results, pos, request)
         continue
       try:
         prompt = self._prompt(request)
-        if request.budget != AUTO:
-          self.check_budget(request, request.budget)
+        budget = None if request.budget == AUTO else self.check_budget(request, request.budget)
         try:
           data = generation.read_file(request.image)
         except OSError as e:                    # missing, a directory, unreadable
@@ -470,37 +536,16 @@ class Server:
       except RequestError as e:
         self._fail(results, pos, e)
         continue
-      key = FeatureCache.key(data)
-      # A hit: encoded by an earlier call, or by an earlier request of this one.
-      item = _Item(pos, request, prompt, key, cached=self.cache.lookup(key) or key in to_encode)
-      if key in self.cache:
-        item.features = self.cache.get(key)     # held: later puts may evict it
-      elif key not in to_encode:
-        to_encode[key] = (data, request)
-      stats.cache_hits += item.cached
-      items.append(item)
+      items.append(_Item(pos, request, prompt, data, budget))
 
-    # Decode and encode the new images; an unreadable one fails every request that asks it.
-    bad, images, keys = {}, [], []
-    for key, (data, first) in to_encode.items():
-      try:
-        images.append(generation.decode_image(data, self.run.image_size, f"image {first.image}"))
-        keys.append(key)
-      except ValueError as e:
-        bad[key] = str(e)
-    fresh = dict(zip(keys, encode_batches(self.run, images, self.batch_size)))
-    for key, features in fresh.items():
-      self.cache.put(key, features)
-    stats.images_encoded = len(fresh)
-
+    # Features before any budget is chosen (a policy reads them), unless they depend on the
+    # budget: then an "auto" request is encoded once its budget is.
+    later = self.space.encodes_per_budget
+    now = self._attach_features([i for i in items if not (later and i.budget is None)], results)
     ready = []
-    for item in items:
+    for item in sorted(now + [i for i in items if later and i.budget is None], key=lambda i: i.pos):
       r = item.request
       try:
-        if item.key in bad:
-          raise RequestError(r.line, r.id, bad[item.key])
-        if item.features is None:
-          item.features = fresh[item.key]
         budget = r.budget
         if budget == AUTO and isinstance(self.policy, policies.Cascade):
           budget, item.cascade = self.policy.budgets[0], []
@@ -510,13 +555,16 @@ class Server:
           except RequestError:
             raise
           except (ValueError, TypeError, KeyError) as e:
-            raise RequestError(r.line, r.id, f"the budget policy failed: {type(e).__name__}: {e}") from e
+            why = "" if item.features is not None else " (given no features: they depend on the budget)"
+            raise RequestError(r.line, r.id, f"the budget policy failed{why}: {type(e).__name__}: {e}") from e
         item.budget = self.check_budget(r, budget)
       except RequestError as e:
         self._fail(results, item.pos, e)
         continue
       ready.append(item)
+    ready = self._attach_features(ready, results)
     self._decode(ready, results)
+    self._images = {}
     stats.answered = sum(1 for r in results if r is not None and "error" not in r)
     stats.seconds = time.perf_counter() - start
     return results

@@ -45,7 +45,7 @@ def make_train_step(graphdef, tx, *, accum_steps: int, mesh=None, loss_chunk: in
   def scale_loss(params, micro, budgets, bucket):
     model = nnx.merge(graphdef, params)
     if loss_chunk:
-      hidden = model.text_hidden(model.encode_images(micro["image"]), micro["text"],
+      hidden = model.text_hidden(model.encode_images(micro["image"], bucket), micro["text"],
                                  micro["text_mask"], micro["ar_mask"], bucket=bucket, budgets=budgets,
                                  has_image=micro.get("has_image"), frame_mask=micro.get("frame_mask"))
       loss_sum, count, em = losses.chunked_token_loss(

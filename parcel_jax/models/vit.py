@@ -153,43 +153,67 @@ class ViT(nnx.Module):
       self.blocks = nnx.List([make(rngs) for _ in range(cfg.depth)])
     self.norm = layers.layer_norm(w, param_dtype=cfg.param_dtype, rngs=rngs)
 
-  def embed_patches(self, images: Array) -> Array:
-    """(b, H, W, 3) -> (b, grid * grid, width), raster order, position code added."""
-    cfg, g, p = self.cfg, self.cfg.grid_size, self.cfg.patch_size
+  def position_codes(self, grid: int) -> Array:
+    """(grid**2, width) position codes, raster order. Below the full grid (a coarser patching
+    of a downsampled image) each coarse patch keeps the full grid's coordinate frame: the
+    learned table is block-averaged (the mean over the fine patches it covers) and the sin-cos
+    codes sit at the coarse patches' centres on the full grid."""
+    cfg, full = self.cfg, self.cfg.grid_size
+    if grid == full:
+      return self.posemb[...] if self.posemb is not None else layers.sincos_2d(full, cfg.width)
+    if grid < 1 or full % grid:
+      raise ValueError(f"the ViT cannot run at a {grid}x{grid} grid: it must divide its "
+                       f"{full}x{full} grid (model.vision.image_size / model.vision.patch_size)")
+    if self.posemb is None:
+      return layers.sincos_2d(grid, cfg.width, frame=full)
+    table = self.posemb[...].reshape(full, full, cfg.width)
+    return einops.reduce(table, "(h kh) (w kw) d -> (h w) d", "mean", kh=full // grid, kw=full // grid)
+
+  def embed_patches(self, images: Array, grid: int | None = None) -> Array:
+    """(b, grid * patch, grid * patch, 3) -> (b, grid * grid, width), raster order, position
+    code added; ``grid`` None: the full grid."""
+    cfg, p = self.cfg, self.cfg.patch_size
+    g = grid or cfg.grid_size
     dtype = cfg.dtype or jnp.float32
     b = images.shape[0]
     patches = images.astype(dtype).reshape(b, g, p, g, p, 3)
     x = jnp.einsum("bipjqc,pqcd->bijd", patches, self.patch_kernel[...].astype(dtype))
     x = x.reshape(b, g * g, cfg.width) + self.patch_bias[...].astype(dtype)
-    pos = self.posemb[...] if self.posemb is not None else layers.sincos_2d(g, cfg.width)
-    return sharding.constrain(x + pos.astype(dtype), layers.BTD)
+    return sharding.constrain(x + self.position_codes(g).astype(dtype), layers.BTD)
 
-  def _windows(self, x: Array) -> Array:
+  def _windows(self, x: Array, g: int) -> Array:
     """(b, g*g, d) raster -> (b * windows, window^2, d). Windows become batch entries: every
     block op but attention is per token, so whole blocks on windows are local attention, at
     (window^2 / g^2) of global attention's cost."""
-    k, g = self.cfg.attn_window, self.cfg.grid_size
+    k = self.cfg.attn_window
     return einops.rearrange(x, "b (h kh w kw) d -> (b h w) (kh kw) d", kh=k, kw=k, h=g // k)
 
-  def _unwindows(self, x: Array) -> Array:
-    k, g = self.cfg.attn_window, self.cfg.grid_size
+  def _unwindows(self, x: Array, g: int) -> Array:
+    k = self.cfg.attn_window
     return einops.rearrange(x, "(b h w) (kh kw) d -> b (h kh w kw) d", kh=k, h=g // k, w=g // k)
 
-  def __call__(self, images: Array) -> Array:
-    cfg, g = self.cfg, self.cfg.grid_size
-    expected = (cfg.image_size, cfg.image_size, 3)
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f"ViT expects images (batch, {cfg.image_size}, {cfg.image_size}, 3), "
+  def __call__(self, images: Array, grid: int | None = None) -> Array:
+    """images (b, S, S, 3) -> features (b, g, g, width). ``grid`` None: S = image_size and g
+    the full grid; else S = grid * patch_size (a downsampled image, fewer and coarser patches:
+    ``position_codes``) and g = ``grid``."""
+    cfg = self.cfg
+    g = grid or cfg.grid_size
+    size = g * cfg.patch_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (size, size, 3):
+      raise ValueError(f"ViT expects images (batch, {size}, {size}, 3) at a {g}x{g} grid, "
                        f"got shape {tuple(images.shape)}")
+    if cfg.attn_window and g % cfg.attn_window:
+      raise ValueError(f"model.vision.attn_window={cfg.attn_window} does not divide the {g}x{g} "
+                       "grid the ViT runs at; use a window dividing every grid, or 0 (global)")
     if cfg.center_input:
       # From scratch, a per-image colour cast dominates every token (measured: ~99 % of the
       # projected tokens' variance on the synthetic task) and hides position and objects.
       images = images - jnp.mean(images, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(images.dtype)
-    x = self.embed_patches(images)
+    x = self.embed_patches(images, g)
     # Blocks [0, num_local) run on windows; scan=True only allows all of them or none.
     num_local = cfg.depth - cfg.global_blocks if cfg.attn_window else 0
     if num_local:
-      x = self._windows(x)
+      x = self._windows(x, g)
     run = layers.maybe_remat(_run_block, cfg.remat)
     if cfg.scan:
       x, _ = nnx.scan(lambda c, blk: run(blk, c), in_axes=(nnx.Carry, 0),
@@ -197,10 +221,10 @@ class ViT(nnx.Module):
     else:
       for i, block in enumerate(self.blocks):
         if num_local and i == num_local:   # the first global block
-          x = self._unwindows(x)
+          x = self._unwindows(x, g)
         x, _ = run(block, x)
     if num_local == cfg.depth:
-      x = self._unwindows(x)
+      x = self._unwindows(x, g)
     x = self.norm(x).astype(x.dtype)
     out = x.reshape(images.shape[0], g, g, cfg.width)
     chex.assert_shape(out, (images.shape[0], g, g, cfg.width))

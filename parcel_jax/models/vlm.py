@@ -128,14 +128,25 @@ class VLM(nnx.Module):
         bias_init=layers.param_init(nnx.initializers.zeros, ("llm_embed",)), rngs=rngs)
     self.decoder = gemma.Decoder(cfg.decoder, rngs=rngs)
 
-  def encode_images(self, images: Array) -> Array:
+  def encode_images(self, images: Array, bucket: Bucket | None = None) -> Array:
     """(b, H, W, 3) in [-1, 1] -> features (b, grid, grid, vision width); frames
-    (b, T, H, W, 3) -> (b, T, grid, grid, vision width), each frame encoded on its own."""
+    (b, T, H, W, 3) -> (b, T, grid, grid, vision width), each frame encoded on its own.
+
+    ``bucket``: the layout the features are for. Read only by a method whose ViT input
+    depends on it (``Connector.encodes_per_budget``: the features are then (b, g, g, width)
+    at the method's ``vision_grid``); every other method's features serve every bucket."""
     if images.ndim == 5:
       b, t = images.shape[:2]
-      features = self.encode_images(images.reshape(b * t, *images.shape[2:]))
+      features = self.encode_images(images.reshape(b * t, *images.shape[2:]), bucket)
       return features.reshape(b, t, *features.shape[1:])
-    return self.vision(images)
+    connector = self.connector
+    if not connector.encodes_per_budget:
+      return self.vision(images)
+    if bucket is None:
+      raise ValueError(f"method {connector.name!r} encodes the image for each budget: "
+                       "encode_images needs the bucket the features are for")
+    return self.vision(connector.vision_input(images, bucket),
+                       grid=connector.vision_grid(connector.cfg, bucket))
 
   def visual_tokens(self, features: Array, bucket: Bucket, budgets: Array,
                     frame_mask: Array | None = None) -> tuple[Array, Array]:
@@ -198,7 +209,8 @@ class VLM(nnx.Module):
     """Logits over the text positions given precomputed vision features.
 
     Args:
-      features: (b, g, g, Dv) from ``encode_images`` (evaluation reuses them for every budget).
+      features: (b, g, g, Dv) from ``encode_images`` (evaluation reuses them for every budget
+        unless the method encodes per budget).
       text, text_mask, ar_mask: (b, L); ``ar_mask`` True marks causal (suffix) tokens.
       bucket: static visual layout; budgets: (b,) int32 visual tokens per example.
       has_image: (b,) bool, False for a text-only example (no visual tokens); None = all True.
@@ -218,7 +230,7 @@ class VLM(nnx.Module):
                frame_mask: Array | None = None) -> Array:
     """images (b, H, W, 3) or frames (b, T, H, W, 3) with ``frame_mask`` (b, T), text/masks
     (b, L), budgets (b,) -> logits (b, L, vocab)."""
-    return self.text_logits(self.encode_images(images), text, text_mask, ar_mask,
+    return self.text_logits(self.encode_images(images, bucket), text, text_mask, ar_mask,
                             bucket=bucket, budgets=budgets, has_image=has_image,
                             frame_mask=frame_mask)
 

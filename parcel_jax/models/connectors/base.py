@@ -89,6 +89,10 @@ class Connector(nnx.Module):
   name: ClassVar[str] = ""
   Config: ClassVar[type[MethodConfig]] = MethodConfig
   order: ClassVar[int] = 100    # place in listings (``budgets.METHODS``); then by name
+  # False: the ViT features of an image serve every budget (evaluation, generation and serving
+  # encode it once). True: the ViT input depends on the bucket (``vision_grid``,
+  # ``vision_input``), so each budget's features are encoded for it.
+  encodes_per_budget: ClassVar[bool] = False
 
   def __init__(self, cfg: MethodConfig, *, rngs: nnx.Rngs):
     del rngs
@@ -115,6 +119,18 @@ class Connector(nnx.Module):
     """One frame through the connector at the vision width ``d``: ``n_p`` anchors, ``n_q``
     queries, ``n_v`` ViT tokens (``flops.py``'s conventions)."""
     raise NotImplementedError
+
+  @classmethod
+  def vision_grid(cls, cfg: MethodConfig, bucket) -> int:
+    """Side of the grid the ViT runs at for ``bucket``: the full grid unless the method
+    encodes per budget."""
+    del bucket
+    return cfg.grid_size
+
+  def vision_input(self, images: Array, bucket) -> Array:
+    """The images the ViT encodes for ``bucket``, (b, S, S, 3) -> (b, s, s, 3) with
+    s = ``vision_grid`` x patch size; only asked when ``encodes_per_budget``."""
+    raise NotImplementedError(f"method {self.name!r} encodes once for every budget")
 
   def check_features(self, features: Array) -> None:
     chex.assert_rank(features, 4)
