@@ -128,6 +128,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(grounding=3.0, relation=2.0, detail=1.0, counting=2.0, mixed=2.0,
            fine_grounding=3.0, fine_detail=1.0, reading=1.0))
   c.data.max_text_len = 16           # prefix + suffix tokens, padded
+  c.data.max_frames = 1              # frames (video, or images) per example: 1 = one image,
+                                     # (b, S, S, 3); T > 1: (b, T, S, S, 3) + frame_mask (b, T),
+                                     # every frame at the example's budget (T*B visual tokens)
   c.data.num_threads = 2             # Grain prefetch threads; 0 = synchronous
 
   # -------------------------------------------------------------- optimiser

@@ -167,3 +167,38 @@ def test_eval_and_train_streams_differ():
   evals = pipeline.build_source(_cfg(), 'eval')
   assert all(not np.array_equal(train[i]['image'], evals[i]['image'])
              for i in range(10))
+
+
+def test_frames_are_batched_with_their_frame_mask():
+  """data.max_frames = T > 1: image (b, T, S, S, 3) and frame_mask (b, T); a clip fills its
+  CLIP_FRAMES frames, a single image its first, the rest zeros; max_frames = 1 is unchanged."""
+  rng = np.random.default_rng()
+  t = syn.CLIP_FRAMES + int(rng.integers(0, 3))
+  families = ('grounding', 'appearance', 'motion')
+  cfg = _cfg(families=families, max_frames=t, max_text_len=syn.max_text_tokens(families))
+  (batch,), _ = _take(pipeline.build_train_dataset(cfg, seed=int(rng.integers(1 << 20)),
+                                                global_batch_size=16), 1)
+  assert batch['image'].shape == (16, t, 32, 32, 3) and batch['frame_mask'].shape == (16, t)
+  clips = np.isin(batch['family'], [syn.FAMILIES.index(f) for f in syn.TEMPORAL_FAMILIES])
+  assert clips.any() and (~clips).any()
+  real = np.where(clips, syn.CLIP_FRAMES, 1)
+  np.testing.assert_array_equal(batch['frame_mask'], np.arange(t)[None] < real[:, None])
+  assert not batch['image'][~batch['frame_mask']].any()
+  assert np.abs(batch['image'][batch['frame_mask']]).max(axis=(1, 2, 3)).min() > 0
+  eval_cfg = _cfg(families=families, max_frames=t, max_text_len=syn.max_text_tokens(families))
+  first = pipeline.build_eval_dataset(eval_cfg, batch_size=4)[0]
+  ex = syn.generate('eval', 0, 32, families=families)
+  frames = ex.image if ex.image.ndim == 4 else ex.image[None]
+  np.testing.assert_array_equal(first['image'][0, :len(frames)], frames)
+  single = _take(pipeline.build_train_dataset(_cfg(max_frames=1), seed=3, global_batch_size=8), 1)[0][0]
+  assert single['image'].shape == (8, 32, 32, 3) and 'frame_mask' not in single
+  unchanged = _take(pipeline.build_train_dataset(_cfg(), seed=3, global_batch_size=8), 1)[0][0]
+  _assert_batches_equal([single], [unchanged])
+
+
+def test_temporal_families_need_enough_frames():
+  families = ('motion',)
+  with pytest.raises(ValueError, match=r'data.max_frames must be >= 4 .*got 1'):
+    pipeline.build_source(_cfg(families=families), 'train')
+  with pytest.raises(ValueError, match='data.max_frames must be an integer >= 1'):
+    pipeline.build_source(_cfg(max_frames=0), 'train')

@@ -380,3 +380,80 @@ def test_text_length_bound_follows_the_families():
     exs = [syn.generate('train', i, families=families) for i in range(200)]
     lengths = [int(tok_lib.encode_example(tok, e.question, e.answer, 32)['text_mask'].sum()) for e in exs]
     assert max(lengths) == syn.max_text_tokens(families)
+
+
+# ------------------------------------------------------------------ temporal families (clips)
+
+def _square_at(image, row, col):
+  """The mean colour of slot (row, col)'s interior (where a square is drawn), (3,)."""
+  s = image.shape[0] // syn.SLOTS
+  m = max(1, s // 8)
+  return image[row * s + m:(row + 1) * s - m, col * s + m:(col + 1) * s - m].mean((0, 1))
+
+
+def test_temporal_clips_are_pure_and_drawn_from_their_frame_layouts():
+  rng = _fresh_rng()
+  for family in syn.TEMPORAL_FAMILIES:
+    for index in rng.integers(0, 10**9, size=20):
+      ex = syn.generate('train', int(index), families=(family,))
+      again = syn.generate('train', int(index), families=(family,))
+      np.testing.assert_array_equal(ex.image, again.image)
+      assert (ex.question, ex.answer) == (again.question, again.answer)
+      assert ex.image.shape == (syn.CLIP_FRAMES, 64, 64, 3) and ex.image.dtype == np.float32
+      assert len(ex.frame_layouts) == syn.CLIP_FRAMES and ex.layout == ex.frame_layouts[0]
+      assert len({layout.background for layout in ex.frame_layouts}) == 1
+      for frame, layout in zip(ex.image, ex.frame_layouts):
+        np.testing.assert_array_equal(frame, syn.render(layout, 64))
+      assert ex.answer in syn.answers(family)
+      other = syn.generate('eval', int(index), families=(family,))
+      assert not np.array_equal(other.image, ex.image)
+
+
+def test_appearance_answers_the_only_frame_with_the_target():
+  for ex in _examples('appearance', 80):
+    (target,) = _colours_in(ex.question)
+    frames = [t for t, layout in enumerate(ex.frame_layouts)
+              if any(it.label == target for it in layout.items)]
+    assert len(frames) == 1 and ex.answer == f'frame{frames[0] + 1}'
+    # every frame has squares, so a frame's square count does not give the answer away
+    assert all(len(layout.items) >= 1 for layout in ex.frame_layouts)
+    item = next(it for it in ex.frame_layouts[frames[0]].items if it.label == target)
+    np.testing.assert_allclose(_square_at(ex.image[frames[0]], item.row, item.col),
+                               syn.COLOURS[target])
+  answers = collections.Counter(e.answer for e in _examples('appearance', 400))
+  assert set(answers) == set(syn.answers('appearance')) and min(answers.values()) > 60
+
+
+def test_motion_answers_the_direction_of_the_moving_square():
+  for ex in _examples('motion', 80):
+    subject = _colours_in(ex.question)[0]
+    path = [next((it.row, it.col) for it in layout.items if it.label == subject)
+            for layout in ex.frame_layouts]
+    steps = {(r1 - r0, c1 - c0) for (r0, c0), (r1, c1) in zip(path, path[1:])}
+    assert steps == {syn.MOTIONS[ex.answer]}
+    assert all(0 <= r < syn.SLOTS and 0 <= c < syn.SLOTS for r, c in path)
+    still = {tuple((it.label, it.row, it.col) for it in layout.items if it.label != subject)
+             for layout in ex.frame_layouts}
+    assert len(still) == 1   # the distractor does not move
+    for t, (r, c) in enumerate(path):
+      np.testing.assert_allclose(_square_at(ex.image[t], r, c), syn.COLOURS[subject])
+    # the single frames alone do not tell the direction: frame 0 is a valid start for others
+  answers = collections.Counter(e.answer for e in _examples('motion', 400))
+  assert set(answers) == set(syn.MOTIONS) and min(answers.values()) > 60
+
+
+def test_temporal_families_are_opt_in_and_keep_every_id():
+  assert not set(syn.TEMPORAL_FAMILIES) & set(syn.DEFAULT_FAMILIES)
+  assert syn.FAMILIES[:8] == ('grounding', 'relation', 'detail', 'counting', 'mixed',
+                              'fine_grounding', 'fine_detail', 'reading')
+  fine = syn.vocabulary(syn.FINE_FAMILIES)
+  clips = syn.vocabulary(('motion', 'appearance'))
+  assert clips[:len(fine)] == fine and len(set(clips)) == len(clips)
+  assert syn.max_frames() == syn.max_frames(syn.FINE_FAMILIES) == 1
+  assert syn.max_frames(('grounding', 'motion')) == syn.CLIP_FRAMES
+  families = ('appearance', 'motion')
+  tok = tok_lib.synthetic_tokenizer(families)
+  exs = [syn.generate('train', i, families=families) for i in range(100)]
+  lengths = [int(tok_lib.encode_example(tok, e.question, e.answer, 32)['text_mask'].sum()) for e in exs]
+  assert max(lengths) == syn.max_text_tokens(families)
+  assert all(tok.unk_id not in tok_lib.encode_example(tok, e.question, e.answer, 32)['text'] for e in exs)

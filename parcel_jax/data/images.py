@@ -99,3 +99,25 @@ def decode_image(data: bytes | str, size: int) -> np.ndarray:
                                       f"truncated or damaged ({type(e).__name__}: {e})") from e
   arr = np.asarray(img, dtype=np.float32)
   return arr / 127.5 - 1.0
+
+
+def check_frame_count(count: int, max_frames: int) -> None:
+  """Raises BadExample (malformed_record) when an example has more frames than the config
+  allows (``data.max_frames``), before any of them is decoded."""
+  if count > max_frames:
+    raise BadExample("malformed_record", f"{count} images (frames), more than data.max_frames="
+                                         f"{max_frames}; raise data.max_frames or drop frames")
+
+
+def pad_frames(image: np.ndarray, max_frames: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """An example's image (S, S, 3) or frames (T, S, S, 3) -> the model's input at
+  ``data.max_frames``: with max_frames = 1 the image (S, S, 3) and no frame mask; else frames
+  (max_frames, S, S, 3) (the real T first, zeros after) and a frame mask (max_frames,) bool.
+  Raises BadExample when T > max_frames."""
+  frames = image if image.ndim == 4 else image[None]
+  check_frame_count(len(frames), max_frames)
+  if max_frames == 1:
+    return frames[0], None
+  padded = np.zeros((max_frames, *frames.shape[1:]), frames.dtype)
+  padded[:len(frames)] = frames
+  return padded, np.arange(max_frames) < len(frames)

@@ -16,6 +16,10 @@ Batches are dicts of numpy arrays (b = per-process batch, L = max_text_len):
   only). Eval batches add valid (b,) bool (False on padding and on skipped bad examples).
   Real-data batches add has_image (b,) bool: False for a text-only example (its image is
   zeros and the model masks every visual slot out, whatever the budget; ``vlm.VLM``).
+  With data.max_frames = T > 1 (video, or several images per example) image is
+  (b, T, S, S, 3) and batches add frame_mask (b, T) bool: an example's real frames first,
+  the missing ones zeros and False. An example with more frames than T is a bad example
+  (malformed_record); a synthetic temporal family needs T >= ``synthetic.CLIP_FRAMES``.
 
 Sources (``data.name``): ``synthetic`` (procedural, ``data/synthetic.py``), ``llava``
 (LLaVA JSON + image folder), ``jsonl`` (big_vision-style jsonl), ``tfds`` (TFDS
@@ -105,6 +109,9 @@ def _validate_real(data_cfg) -> None:
 def _validate(data_cfg) -> None:
   if data_cfg.name not in DATASETS:
     raise ValueError(f'data.name must be one of {DATASETS}, got {data_cfg.name!r}')
+  max_frames = data_cfg.get('max_frames', 1)
+  if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+    raise ValueError(f'data.max_frames must be an integer >= 1, got {max_frames!r}')
   if data_cfg.name in REAL_DATASETS:
     _validate_real(data_cfg)
     return
@@ -125,6 +132,9 @@ def _validate(data_cfg) -> None:
     raise ValueError(f'data.families must be () (= the default mixture) or a subset of '
                      f'{synthetic.FAMILIES}, got {tuple(data_cfg.families)}') from None
   _family_weights(data_cfg)
+  if max_frames < synthetic.max_frames(families):
+    raise ValueError(f'data.max_frames must be >= {synthetic.max_frames(families)} for the '
+                     f'temporal families in data.families={families}, got {max_frames}')
   needed = synthetic.max_text_tokens(families)
   if data_cfg.max_text_len < needed:
     raise ValueError(f'data.max_text_len must be >= {needed} (longest synthetic example), '
@@ -195,13 +205,15 @@ class BadDataStats:
 
 class ExampleSource:
   """A real source with decoded images: ``source[i]`` -> dict(image (S, S, 3) float32 in
-  [-1, 1] (zeros for a text-only example), has_image, question (the prefix), answer (the
-  suffix), turns (later (prompt, answer) exchanges), family -1, index), or raises
-  ``images.BadExample``. ``path`` and ``describe(i)`` name the file and the example."""
+  [-1, 1] (zeros for a text-only example; a record with a list of images: (T, S, S, 3)),
+  has_image, question (the prefix), answer (the suffix), turns (later (prompt, answer)
+  exchanges), family -1, index), or raises ``images.BadExample`` (also for more than
+  ``max_frames`` images). ``path`` and ``describe(i)`` name the file and the example."""
 
-  def __init__(self, raw, image_size: int):
+  def __init__(self, raw, image_size: int, max_frames: int = 1):
     self.raw = raw
     self.image_size = int(image_size)
+    self.max_frames = int(max_frames)
     self.path = raw.path
 
   def __len__(self) -> int:
@@ -214,14 +226,19 @@ class ExampleSource:
     index = int(index)
     rec = self.raw[index]
     has_image = rec['image'] is not None
-    image = (images.decode_image(rec['image'], self.image_size) if has_image
-             else np.zeros((self.image_size, self.image_size, 3), np.float32))
+    if isinstance(rec['image'], (list, tuple)):   # frames, checked before any is decoded
+      images.check_frame_count(len(rec['image']), self.max_frames)
+      image = np.stack([images.decode_image(frame, self.image_size) for frame in rec['image']])
+    else:
+      image = (images.decode_image(rec['image'], self.image_size) if has_image
+               else np.zeros((self.image_size, self.image_size, 3), np.float32))
     return {'image': image, 'has_image': np.bool_(has_image),
             'question': rec['prefix'], 'answer': rec['suffix'], 'turns': tuple(rec.get('turns', ())),
             'family': np.int32(REAL_FAMILY), 'index': np.int64(index)}
 
   def __repr__(self) -> str:
-    return f'ExampleSource({self.raw!r}, image_size={self.image_size})'
+    return (f'ExampleSource({self.raw!r}, image_size={self.image_size}, '
+            f'max_frames={self.max_frames})')
 
 
 def _real_source(data_cfg, split: str) -> ExampleSource:
@@ -248,7 +265,7 @@ def _real_source(data_cfg, split: str) -> ExampleSource:
       raw = jsonl.JsonlSource(path, _get(data_cfg, 'image_root'), **keys)
   if len(raw) == 0:
     raise ValueError(f'{raw.path}: the {split} source has no examples')
-  return ExampleSource(raw, data_cfg.image_size)
+  return ExampleSource(raw, data_cfg.image_size, data_cfg.get('max_frames', 1))
 
 
 def build_tokenizer(data_cfg):
@@ -328,12 +345,14 @@ class _Encode(grain.transforms.Map):
     self._long_text = _get(data_cfg, 'long_text') if self.real else 'reject'
     self._on_error = _get(data_cfg, 'on_error')
     self._max_skip = float(_get(data_cfg, 'max_skip_fraction'))
+    self._max_frames = data_cfg.get('max_frames', 1)
     self._stats = stats
 
   def read(self, index) -> _Read:
     index = int(index)
     try:
       record = self._source[index]
+      image, frame_mask = images.pad_frames(record['image'], self._max_frames)
       try:
         text, truncated = tokenizer_lib.layout_example(
             self.tokenizer, record['question'], record['answer'], self._max_len, self._long_text,
@@ -348,7 +367,9 @@ class _Encode(grain.transforms.Map):
         raise BadDataError(f'{where}: {e.kind}: {e.message} (data.on_error=raise; set '
                            f'data.on_error=skip to drop such examples)') from e
       return _Read(bad_kind=e.kind, where=f'{where}: {e.kind}: {e.message}')
-    example = {'image': record['image'], **text, 'family': record['family']}
+    example = {'image': image, **text, 'family': record['family']}
+    if frame_mask is not None:
+      example['frame_mask'] = frame_mask
     if self.real:
       example['has_image'] = record['has_image']
     return _Read(example, truncated=truncated)
@@ -465,12 +486,16 @@ class _EvalRecord(grain.transforms.Map):
     self._encode = _Encode(source, data_cfg, stats)
     self._num_examples = num_examples
     self._size = data_cfg.image_size
+    self._max_frames = data_cfg.get('max_frames', 1)
     self._max_len = data_cfg.max_text_len
 
   def _placeholder(self) -> dict:
     zeros = np.zeros(self._max_len, bool)
     pad = self._encode.tokenizer.pad_id
-    return {'image': np.zeros((self._size, self._size, 3), np.float32),
+    image, frame_mask = images.pad_frames(np.zeros((self._size, self._size, 3), np.float32),
+                                          self._max_frames)
+    frames = {} if frame_mask is None else {'frame_mask': np.zeros_like(frame_mask)}
+    return {'image': image, **frames,
             'text': np.full(self._max_len, pad, np.int32), 'text_mask': zeros,
             'ar_mask': zeros, 'targets': np.full(self._max_len, pad, np.int32),
             'loss_mask': zeros, 'family': np.int32(REAL_FAMILY), 'has_image': np.bool_(False)}

@@ -38,6 +38,16 @@ The page sits at one fixed cell on purpose: the question addresses a symbol by p
 a fixed page keeps that address a function of the question alone, so the uncompressed model
 learns it in minutes on a CPU; pooling loses the page's arrangement wherever the page is.
 Positions elsewhere are cells (``row1 col1`` .. ``row4 col4``).
+
+Temporal families (opt-in by name; ``data.max_frames`` >= ``CLIP_FRAMES``): the example is a
+clip of ``CLIP_FRAMES`` frames on one background, ``image`` (T, S, S, 3), and no single frame
+answers the question:
+
+* ``appearance``: the target square is in exactly one frame, distractor squares of other
+  colours in every frame (``in which frame is the red square`` -> ``frame3``).
+* ``motion``: the target square moves one slot per frame in one direction, a distractor
+  stays put (``which way does the red square move`` -> ``left`` / ``right`` / ``up`` /
+  ``down``).
 """
 
 from __future__ import annotations
@@ -51,12 +61,17 @@ import numpy as np
 # Every family, in a fixed order (the ``family`` index of a record points into it). New
 # families are appended so that indices, and the token ids of the vocabulary, stay stable.
 FAMILIES: tuple[str, ...] = ('grounding', 'relation', 'detail', 'counting', 'mixed',
-                             'fine_grounding', 'fine_detail', 'reading')
+                             'fine_grounding', 'fine_detail', 'reading', 'appearance', 'motion')
 # What ``families=()`` samples: the original mixture (the fine families are opt-in by name).
 DEFAULT_FAMILIES: tuple[str, ...] = FAMILIES[:5]
 # The families whose answers need more than one 4x4-pooled anchor can hold (see the module
 # docstring): the mixture that separates pooling from content-aware resampling.
 FINE_FAMILIES: tuple[str, ...] = ('fine_grounding', 'relation', 'fine_detail', 'reading', 'counting')
+# The families whose example is a clip of CLIP_FRAMES frames (image (T, S, S, 3)).
+TEMPORAL_FAMILIES: tuple[str, ...] = ('appearance', 'motion')
+CLIP_FRAMES = 4
+# Direction word -> (slot rows, slot columns) moved per frame.
+MOTIONS: dict[str, tuple[int, int]] = {'left': (0, -1), 'right': (0, 1), 'up': (-1, 0), 'down': (1, 0)}
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     'red': (1.0, -1.0, -1.0),
@@ -153,13 +168,14 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  image: np.ndarray  # (S, S, 3) float32 in [-1, 1]
+  image: np.ndarray  # (S, S, 3) float32 in [-1, 1]; a temporal family: (T, S, S, 3)
   question: str
   answer: str
   family: str
-  layout: Layout
+  layout: Layout  # a temporal family: the first frame's
   split: str
   index: int
+  frame_layouts: tuple[Layout, ...] = ()  # a temporal family: every frame's, in order
 
 
 def _check_image_size(image_size: int) -> None:
@@ -315,6 +331,40 @@ def _fine_grounding(rng):
   return items, f'where exactly is the {target} square', _slot_words(items[0].row, items[0].col)
 
 
+def _frame_words(frame: int) -> str:
+  return f'frame{frame + 1}'
+
+
+def _appearance(rng):
+  """-> (items per frame, question, answer): the target in one frame, 1-2 distractors of
+  other colours in every frame (so every frame has squares)."""
+  target = str(rng.choice(list(COLOURS)))
+  shown = int(rng.integers(CLIP_FRAMES))
+  frames = []
+  for t in range(CLIP_FRAMES):
+    distractors = _other_colours(rng, [target], int(rng.integers(1, 3)))
+    colours = [target] * (t == shown) + distractors
+    frames.append(_squares(colours, _random_slots(rng, len(colours))))
+  return frames, f'in which frame is the {target} square', _frame_words(shown)
+
+
+def _motion(rng):
+  """-> (items per frame, question, answer): the target moves one slot per frame along one
+  direction, staying on the grid; a distractor of another colour stays put off its path."""
+  subject, other = (str(c) for c in rng.choice(list(COLOURS), 2, replace=False))
+  direction = str(rng.choice(list(MOTIONS)))
+  dr, dc = MOTIONS[direction]
+  span = CLIP_FRAMES - 1
+  rows = range(max(0, -dr * span), SLOTS - max(0, dr * span))
+  cols = range(max(0, -dc * span), SLOTS - max(0, dc * span))
+  r0, c0 = int(rng.choice(rows)), int(rng.choice(cols))
+  path = [(r0 + dr * t, c0 + dc * t) for t in range(CLIP_FRAMES)]
+  free = [(r, c) for r in range(SLOTS) for c in range(SLOTS) if (r, c) not in path]
+  still = free[int(rng.integers(len(free)))]
+  frames = [_squares([subject, other], [path[t], still]) for t in range(CLIP_FRAMES)]
+  return frames, f'which way does the {subject} square move', direction
+
+
 _BUILDERS = {
     'grounding': _grounding,
     'relation': _relation,
@@ -324,7 +374,14 @@ _BUILDERS = {
     'fine_grounding': _fine_grounding,
     'fine_detail': _fine_detail,
     'reading': _reading,
+    'appearance': _appearance,
+    'motion': _motion,
 }
+
+
+def max_frames(families: Sequence[str] | None = None) -> int:
+  """Frames of the longest example of ``families`` (None or () = the default mixture)."""
+  return CLIP_FRAMES if set(check_families(families)) & set(TEMPORAL_FAMILIES) else 1
 
 
 def check_families(families: Sequence[str] | None) -> tuple[str, ...]:
@@ -382,6 +439,10 @@ def _generate(split: str, index: int, image_size: int, families: tuple[str, ...]
     family = families[int(rng.choice(len(families), p=probabilities))]
   background = tuple(float(x) for x in rng.uniform(-BACKGROUND_MAX, BACKGROUND_MAX, 3))
   items, question, answer = _BUILDERS[family](rng)
+  if family in TEMPORAL_FAMILIES:  # a clip: one layout per frame, one background
+    layouts = tuple(Layout(background, tuple(frame)) for frame in items)
+    clip = np.stack([render(layout, image_size) for layout in layouts])
+    return Example(clip, question, answer, family, layouts[0], split, index, layouts)
   layout = Layout(background, tuple(items))
   return Example(render(layout, image_size), question, answer, family, layout, split, index)
 
@@ -404,6 +465,8 @@ def answers(family: str) -> tuple[str, ...]:
       'mixed': tuple(GLYPHS),
       'fine_grounding': slots,
       'fine_detail': tuple(GLYPHS),
+      'appearance': tuple(_frame_words(t) for t in range(CLIP_FRAMES)),
+      'motion': tuple(MOTIONS),
   }[family]
 
 
@@ -419,6 +482,9 @@ def vocabulary(families: Sequence[str] | None = None) -> list[str]:
   words += ['exactly', 'read', 'at', *(f'line{k + 1}' for k in range(PAGE_SIDE)),
             *(f'char{k + 1}' for k in range(PAGE_SIDE)),
             *(f'y{k + 1}' for k in range(SLOTS)), *(f'x{k + 1}' for k in range(SLOTS))]
+  if set(check_families(families)) & set(TEMPORAL_FAMILIES):  # after the fine words: their ids stay
+    words += ['which', 'frame', 'way', 'does', 'move', 'up', 'down',
+              *(_frame_words(t) for t in range(CLIP_FRAMES))]
   return words
 
 
@@ -426,6 +492,7 @@ def vocabulary(families: Sequence[str] | None = None) -> list[str]:
 TEXT_WORDS: dict[str, tuple[int, int]] = {
     'grounding': (5, 2), 'relation': (10, 1), 'detail': (4, 1), 'counting': (4, 1),
     'mixed': (6, 1), 'fine_grounding': (6, 2), 'fine_detail': (6, 1), 'reading': (2, PAGE_SIDE),
+    'appearance': (7, 1), 'motion': (7, 1),
 }
 MAX_QUESTION_WORDS = max(q for q, _ in TEXT_WORDS.values())
 MAX_ANSWER_WORDS = max(a for _, a in TEXT_WORDS.values())
@@ -444,8 +511,8 @@ def max_text_tokens(families: Sequence[str] | None = None) -> int:
 class SyntheticSource:
   """Random-access source of ``num_examples`` examples of one split.
 
-  ``source[i]`` -> dict(image (S, S, 3) float32, question str, answer str,
-  family int32 index into FAMILIES, index int64).
+  ``source[i]`` -> dict(image (S, S, 3) float32 (a temporal family: (CLIP_FRAMES, S, S, 3)),
+  question str, answer str, family int32 index into FAMILIES, index int64).
   """
 
   def __init__(self, split: str, num_examples: int, image_size: int = 64,
