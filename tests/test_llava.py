@@ -104,7 +104,8 @@ def test_multi_turn_and_text_only_records(tmp_path, tok_dir):
   ex = source[1]
   assert not ex["has_image"] and ex["turns"] == () and ex["answer"] == "roses are red"
   np.testing.assert_array_equal(ex["image"], np.zeros((S, S, 3), np.float32))
-  for index, kind, words in ((2, "malformed_record", "'image' must be a path string"),
+  # A list of images is an example of several frames: more than data.max_frames (1) is bad.
+  for index, kind, words in ((2, "malformed_record", "2 images \\(frames\\), more than data.max_frames=1"),
                              (3, "empty_answer", "turn 3")):
     with pytest.raises(images.BadExample, match=words) as e:
       source[index]

@@ -368,3 +368,45 @@ def test_tfds_array_record_source(tmp_path, tok_dir):
   with pytest.raises(ValueError, match="has no feature"):
     pipeline.build_source(_cfg("tfds", "", tok_dir, tfds_name="parcel_tiny_vqa",
                                tfds_data_dir=str(tmp_path), suffix_key="answer"), "eval")
+
+
+# ------------------------------------------------------------ several images per example
+
+def test_lists_of_images_are_frames_and_too_many_are_bad(tmp_path, tok_dir):
+  """jsonl ``"images": [...]`` and LLaVA ``"image": [...]`` are one example of several
+  frames, in order; more than data.max_frames is a bad example naming it (raise) or a counted
+  skip; with max_frames = 1 a single image is unchanged."""
+  colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+  names = [os.path.basename(_solid_png(str(tmp_path / f"f{i}.png"), c)) for i, c in enumerate(colours)]
+  lines = [{"images": names[:2], "prefix": "what happens", "suffix": "red then green"},
+           {"image": names[2], "prefix": "what colour", "suffix": "blue"},
+           {"images": names, "prefix": "what happens", "suffix": "three"}]
+  jsonl = tmp_path / "data.jsonl"
+  jsonl.write_text("\n".join(json.dumps(r) for r in lines))
+  records = [{"image": r.get("images", r.get("image")),
+              "conversations": _turns(r["prefix"], r["suffix"])} for r in lines]
+  llava_json = tmp_path / "data.json"
+  llava_json.write_text(json.dumps(records))
+  for name, path in (("jsonl", jsonl), ("llava", llava_json)):
+    cfg = _cfg(name, str(path), tok_dir, max_frames=2)
+    ds = pipeline.build_eval_dataset(cfg, batch_size=1, num_examples=2)
+    clip, image = ds[0], ds[1]
+    assert clip["image"].shape == (1, 2, S, S, 3)
+    np.testing.assert_array_equal(clip["frame_mask"], [[True, True]])
+    np.testing.assert_array_equal(image["frame_mask"], [[True, False]])
+    for frame, colour in zip(clip["image"][0], colours):   # in order, decoded like one image
+      np.testing.assert_allclose(frame.mean((0, 1)), np.asarray(colour) / 127.5 - 1, atol=1e-6)
+    assert not image["image"][0, 1].any()
+    with pytest.raises(pipeline.BadDataError) as e:
+      pipeline.build_eval_dataset(cfg, batch_size=1)[2]
+    assert str(path) in str(e.value) and "example 2" in str(e.value)
+    assert "3 images (frames), more than data.max_frames=2" in str(e.value)
+    skip = pipeline.build_eval_dataset(_cfg(name, str(path), tok_dir, max_frames=2, on_error="skip"),
+                                       batch_size=3)
+    (batch,) = list(skip)
+    np.testing.assert_array_equal(batch["valid"], [True, True, False])
+    assert skip.bad_data_stats.as_dict()["skipped_malformed_record"] == 1
+    assert not batch["frame_mask"][2].any()
+    single = pipeline.build_eval_dataset(_cfg(name, str(path), tok_dir), batch_size=1)[1]
+    assert single["image"].shape == (1, S, S, 3) and "frame_mask" not in single
+    np.testing.assert_array_equal(single["image"][0], image["image"][0, 0])

@@ -1,6 +1,10 @@
 """big_vision-style jsonl: one JSON object per line with an image path, a prefix and a suffix.
 
   {"image": "images/0001.jpg", "prefix": "caption en", "suffix": "A dog on a beach."}
+  {"images": ["clip/f0.jpg", "clip/f1.jpg"], "prefix": "what happens", "suffix": "It falls."}
+
+A list of images (under ``"images"``, or a list under the image field) is one example of
+several frames, in order (``data.max_frames``).
 
 Field names are configurable (``data.image_key``, ``data.prefix_key``, ``data.suffix_key``);
 image paths are relative to the image folder (default: the jsonl file's folder); both may
@@ -17,6 +21,8 @@ import numpy as np
 
 from parcel_jax import paths
 from parcel_jax.data.images import BadExample
+
+FRAMES_KEY = "images"  # a list of image paths: one example of several frames
 
 
 class JsonlSource:
@@ -59,12 +65,21 @@ class JsonlSource:
     if not isinstance(rec, dict):
       raise BadExample("malformed_record", f"a line must hold a JSON object, got {type(rec).__name__}")
     image_key, prefix_key, suffix_key = self.keys
-    for key in self.keys:
+    for key in self.keys[1:]:
       if not isinstance(rec.get(key), str):
         raise BadExample("missing_field", f"no string field {key!r} (fields: {sorted(rec)})")
+    image = rec[image_key] if image_key in rec else rec.get(FRAMES_KEY)
+    if isinstance(image, list):   # frames
+      if not image or not all(isinstance(f, str) and f for f in image):
+        raise BadExample("malformed_record", f"a list of images must hold one or more paths, "
+                                             f"got {str(image)[:80]!r}")
+    elif not isinstance(image, str):
+      raise BadExample("missing_field", f"no string field {image_key!r} nor a list "
+                                        f"{FRAMES_KEY!r} (fields: {sorted(rec)})")
     if not rec[suffix_key].strip():
       raise BadExample("empty_answer", f"field {suffix_key!r} is empty")
-    return {"image": paths.join(self.image_root, rec[image_key]),
+    join = lambda p: paths.join(self.image_root, p)
+    return {"image": [join(f) for f in image] if isinstance(image, list) else join(image),
             "prefix": rec[prefix_key].strip(), "suffix": rec[suffix_key].strip()}
 
   def __repr__(self) -> str:

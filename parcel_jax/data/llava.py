@@ -86,7 +86,7 @@ class LlavaSource:
     return f"example {index} (record {r})" if t is None else f"example {index} (record {r}, exchange {t})"
 
   def __getitem__(self, index: int) -> dict:
-    """-> dict(image: path or None (text-only), prefix, suffix: the first (or only) exchange,
+    """-> dict(image: path, a list of paths (frames) or None (text-only), prefix, suffix: the first (or only) exchange,
     turns: the later (prompt, answer) exchanges, () under single_exchange)."""
     r, t = self._index[index]
     rec = self._records[r]
@@ -100,11 +100,13 @@ class LlavaSource:
     wanted = range(len(conv) // 2) if t is None else (t,)
     exchanges = [self._exchange(conv, k) for k in wanted]
     image = rec.get("image")
-    if image is not None and (not isinstance(image, str) or not image):
-      raise BadExample("malformed_record", f"'image' must be a path string (or absent for a "
-                                           f"text-only record), got {str(image)[:80]!r}")
+    frames = image if isinstance(image, list) else [image]   # a list: several frames, in order
+    if image is not None and (not frames or not all(isinstance(f, str) and f for f in frames)):
+      raise BadExample("malformed_record", f"'image' must be a path string or a list of them (or "
+                                           f"absent for a text-only record), got {str(image)[:80]!r}")
     (prefix, suffix), *turns = exchanges
-    return {"image": None if image is None else paths.join(self.image_root, image),
+    joined = None if image is None else [paths.join(self.image_root, f) for f in frames]
+    return {"image": joined if isinstance(image, list) else joined and joined[0],
             "prefix": prefix, "suffix": suffix, "turns": tuple(turns)}
 
   @staticmethod
