@@ -63,7 +63,8 @@ def _score(graphdef, params, features, batch, budget_vec, bucket):
   the largest answer-token cross-entropy (b,) (``max_nll``: the least likely answer token)."""
   model = nnx.merge(graphdef, params)
   logits = model.text_logits(features, batch["text"], batch["text_mask"], batch["ar_mask"],
-                             bucket=bucket, budgets=budget_vec, has_image=batch.get("has_image"))
+                             bucket=bucket, budgets=budget_vec, has_image=batch.get("has_image"),
+                             frame_mask=batch.get("frame_mask"))
   nll = jnp.where(batch["loss_mask"], losses.token_cross_entropy(logits, batch["targets"]), 0.0)
   return {**losses.per_example_scores(logits, batch["targets"], batch["loss_mask"]),
           "max_nll": jnp.max(nll, axis=-1)}

@@ -142,7 +142,8 @@ def decode_batch(run, features, prefix, prefix_mask, budgets, *, bucket, max_new
   alone at its compact bucket (masked slots and padding are invisible to the decoder).
 
   Args:
-    features: (b, g, g, Dv) ViT features; prefix, prefix_mask: (b, L) int32 / bool;
+    features: (b, g, g, Dv) ViT features, or (b, T, g, g, Dv) for T frames each at its row's
+      budget; prefix, prefix_mask: (b, L) int32 / bool;
       budgets: (b,) int32; bucket: a ``budgets.Bucket`` serving every row's budget.
   Returns:
     ``{"tokens": (b, T) int32, "logprobs": (b, T) float32, "logits": (b, T, vocab) or
@@ -150,8 +151,9 @@ def decode_batch(run, features, prefix, prefix_mask, budgets, *, bucket, max_new
   """
   prefix = jnp.asarray(prefix, jnp.int32)
   length = prefix.shape[1]
+  visual = bucket.num_slots * (features.shape[1] if features.ndim == 5 else 1)   # T*slots for frames
   logits, cache = _prefill(run.graphdef, run.params, features, prefix, jnp.asarray(budgets, jnp.int32),
-                           bucket=bucket, cache_size=bucket.num_slots + length + max_new_tokens,
+                           bucket=bucket, cache_size=visual + length + max_new_tokens,
                            prefix_mask=jnp.asarray(prefix_mask, bool))
   tokens, logprobs, kept = _decode(run.graphdef, run.params, logits, cache,
                                    max_new_tokens=max_new_tokens, eos_id=run.tokenizer.eos_id,
@@ -198,7 +200,8 @@ def generate(run, image: np.ndarray, question: str, budgets, *,
 
   Args:
     run: a ``runs.Run``.
-    image: (S, S, 3) float in [-1, 1] at the model resolution (``load_image``).
+    image: (S, S, 3) float in [-1, 1] at the model resolution (``load_image``), or frames
+      (T, S, S, 3) (video, or several images), each at the budget, in order.
     budgets: visual-token budgets, each in the method's space.
     max_new_tokens: default ``data.max_text_len`` minus the prompt (the training length).
   Returns:
@@ -206,8 +209,12 @@ def generate(run, image: np.ndarray, question: str, budgets, *,
   """
   image = np.asarray(image, np.float32)
   expected = (run.image_size, run.image_size, 3)
-  if image.shape != expected:
-    raise ValueError(f"image has shape {image.shape}; the model expects {expected} (see load_image)")
+  if image.shape[-3:] != expected or image.ndim not in (3, 4):
+    raise ValueError(f"image has shape {image.shape}; the model expects {expected} or frames "
+                     f"(T, *{expected}) (see load_image)")
+  if image.ndim == 4 and len(image) > run.config.data.get("max_frames", 1):
+    logging.warning("%d frames; %s was trained on at most %d per example", len(image),
+                    run.label(), run.config.data.get("max_frames", 1))
   tokenizer = run.tokenizer
   prefix = prompt_tokens(question, tokenizer)[None]
   if max_new_tokens is None:

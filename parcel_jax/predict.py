@@ -6,7 +6,8 @@ One question, at one or more budgets:
         --budget=16,64,256 [--max_new_tokens=N] [--step=S]
 
 prints one line per budget, ``budget B: answer`` (``parcel_jax.generation``: the ViT runs
-once, every budget at its compact shape, KV-cache greedy decoding).
+once, every budget at its compact shape, KV-cache greedy decoding). Several images (video
+frames), in order, each at the budget: ``--image=f0.png,f1.png`` or ``--image`` repeated.
 
 A file of requests, mixed budgets batched together (``parcel_jax.serving``):
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from absl import app, flags
 
 from parcel_jax import cli, generation, policies, runs, scores, serving
@@ -40,7 +42,9 @@ AUTO_POLICIES = ("smallest", "scores", "cascade", "router")
 
 def _single(run, f) -> None:
   budgets = [int(b) for b in f.budget]
-  image = generation.load_image(f.image, run.image_size)
+  files = [p for arg in f.image for p in arg.split(",") if p]
+  frames = [generation.load_image(p, run.image_size) for p in files]
+  image = frames[0] if len(frames) == 1 else np.stack(frames)
   answers = generation.generate(run, image, f.question, budgets, max_new_tokens=f.max_new_tokens or None)
   for b, answer in answers.items():
     print(f"budget {b}: {answer}", flush=True)
@@ -101,7 +105,8 @@ def main(argv) -> None:
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("image", None, "Image file (any format PIL reads).")
+  flags.DEFINE_multi_string("image", None, "Image file (any format PIL reads); several (frames, "
+                            "in order): comma separated or the flag repeated.")
   flags.DEFINE_string("question", None, "Question, in the tokenizer's words.")
   flags.DEFINE_list("budget", None, "Visual-token budget(s), comma separated.")
   flags.DEFINE_integer("max_new_tokens", 0, "Answer tokens at most (0: data.max_text_len - prompt).")

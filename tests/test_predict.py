@@ -241,3 +241,32 @@ def test_cli_batch_requests(tiny_workdir, tmp_path):
                    r"image cache 1 hits, 2 encoded", proc.stdout), proc.stdout
   vocab = set(synthetic.vocabulary()) | {"<sep>", "<unk>"}
   assert all(set(r["answer"].split()) <= vocab for r in records[:3])
+
+
+def test_kv_cache_equals_recompute_for_frames(random_run):
+  """Frames (b, T, S, S, 3): the cache holds T*slots visual tokens, and greedy decoding from it
+  equals re-running the training forward pass over [frame 0; ...; frame T-1; text]."""
+  rng = np.random.default_rng()
+  clips = [synthetic.generate("eval", int(i), families=("motion",)).image for i in rng.integers(0, 10**6, 2)]
+  features = evaluation.encode_images(random_run.graphdef, random_run.params, jnp.asarray(np.stack(clips)[:, :3]))
+  prefix = np.stack([generation.prompt_tokens(q) for q in QUESTIONS])
+  for budget in (16, 100):
+    cached = generation.greedy_tokens(random_run, features, prefix, budget, NEW_TOKENS, stop_at_eos=False)
+    np.testing.assert_array_equal(cached, recompute_tokens(random_run, features, prefix, budget, NEW_TOKENS))
+
+
+def test_cli_frames(tiny_workdir, tmp_path):
+  """--image a,b and --image a --image b are the same two frames, answered at every budget."""
+  clip = synthetic.generate("eval", 5, families=("appearance",)).image
+  files = []
+  for t, frame in enumerate(clip[:2]):
+    files.append(str(tmp_path / f"frame{t}.png"))
+    Image.fromarray(np.round((frame + 1) * 127.5).clip(0, 255).astype(np.uint8)).save(files[-1])
+  outputs = []
+  for image_flags in ([f"--image={','.join(files)}"], [f"--image={p}" for p in files]):
+    proc = run_cli("parcel_jax.predict", f"--workdir={tiny_workdir}", *image_flags,
+                   "--question=where is the red square", "--budget=16,24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs.append(proc.stdout)
+  assert outputs[0] == outputs[1]
+  assert [line.split(":")[0] for line in outputs[0].strip().splitlines()] == ["budget 16", "budget 24"]
