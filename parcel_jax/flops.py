@@ -203,8 +203,12 @@ def _table(config, rows: list[tuple[int, dict]], frames: int) -> str:
 def main(argv) -> None:
   from absl import flags
 
+  from parcel_jax.models import vlm
+
   del argv
   config, frames = flags.FLAGS.config, flags.FLAGS.frames
+  if "model" in config:
+    vlm.apply_presets(config.model)  # size fields left at 0 name a preset (configs/base.py)
   try:
     budget_list = [int(b) for b in flags.FLAGS.budgets]
     rows = [(b, cost(config, b, frames)) for b in budget_list]

@@ -235,6 +235,16 @@ def test_cli_table(tmp_path):
   assert row[:3] == ["256", "64", "192"] and row[-1] == "1.000"
 
 
+def test_cli_fills_the_size_presets_of_the_embedded_default():
+  from configs import base
+  from parcel_jax.models import vlm
+  out = json.loads(_cli("--config=configs/base.py", "--budgets=16,256", "--json"))
+  config = base.get_config()
+  vlm.apply_presets(config.model)
+  assert out == {str(b): flops.cost(config, b) for b in (16, 256)}
+  assert out["256"]["total"] > out["16"]["total"] > 0
+
+
 def test_cli_rejects_invalid_budget(tmp_path):
   path = _write_config(tmp_path)
   proc = subprocess.run([sys.executable, "-m", "parcel_jax.flops", f"--config={path}", "--budgets=15"],
