@@ -12,7 +12,8 @@ r"""Command line: input-adaptive budget policies against fixed budgets, for one 
    (``predict --auto_policy=router`` serves with it).
 3. On the eval examples: the fixed budgets, the oracle, the cascade swept over thresholds
    and the router swept over thresholds; prints accuracy vs mean visual tokens and mean
-   FLOPs per family and the headline numbers (``policies.format_comparison``), and writes
+   FLOPs per family and the headline numbers (``policies.format_comparison``), then each
+   policy at the threshold fixed on the training scores (``policies.choose_threshold``), and writes
    ``DIR/policies.json``, ``DIR/policies.png`` (overall) and ``DIR/policies_families.png``.
 
 Defaults: DIR = RUN/policies; budgets: the run's ``eval.budgets`` it was trained on; N: the
@@ -46,6 +47,25 @@ def _scores(run, budgets, split: str, num_examples: int, path: str, *, batch_siz
   return scores.load(path)
 
 
+def _held_out(evals: dict, train: dict, router, *, cascade_budgets, confidence: str,
+              reference_budget: int) -> dict:
+  """Each policy's threshold fixed on the training scores (``policies.choose_threshold``; the
+  router's own training examples, the only labelled data besides eval), applied to eval."""
+  simulate = {
+      "cascade": lambda table, t=None: policies.simulate_cascade(table, t, ladder=cascade_budgets,
+                                                                  confidence=confidence),
+      "router": lambda table, t=None: policies.simulate_router(
+          table, router.probabilities(table["anchors"], table["prompt"]), t, router_flops=router.flops)}
+  out = {}
+  for name, sim in simulate.items():
+    train_points = sim(train)["points"]
+    t = policies.choose_threshold(train_points, train, reference_budget=reference_budget)
+    eval_point = None if t is None else sim(evals, [t])["points"][0]
+    out[name] = policies.held_out(t, train_points, eval_point, policies.fixed_points(evals),
+                                  reference_budget=reference_budget)
+  return out
+
+
 def compare_run(run, out: str, *, budgets=None, num_examples: int | None = None, train_examples: int = 2048,
                 batch_size: int = 32, cascade_budgets=None, confidence: str = "answer_prob",
                 router_hidden: int = 0, router_steps: int = 500, router_threshold: float = 0.5,
@@ -69,7 +89,10 @@ def compare_run(run, out: str, *, budgets=None, num_examples: int | None = None,
   routed = policies.simulate_router(evals, router.probabilities(evals["anchors"], evals["prompt"]),
                                     router_flops=router.flops)
   routed["description"] = router.describe()
-  result = policies.compare(evals, cascade=cascade, router=routed, reference_budget=reference_budget)
+  held_out = _held_out(evals, train, router, cascade_budgets=cascade_budgets, confidence=confidence,
+                       reference_budget=reference_budget)
+  result = policies.compare(evals, cascade=cascade, router=routed, reference_budget=reference_budget,
+                            held_out_results=held_out)
   result.update(workdir=run.workdir, step=run.step, label=run.label(),
                 train_examples=int(train["index"].size), files=sorted(files.values()))
   with open(files["policies.json"], "w") as f:

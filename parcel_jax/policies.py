@@ -23,8 +23,9 @@ FLOPs, overall and per family; ``compare`` puts them next to the fixed budgets a
 oracle and reads off two numbers: the token (and FLOP) saving at <= 1 point accuracy loss
 against a reference budget (256), and the accuracy gain at no more mean tokens than the
 most accurate fixed budget. The thresholds are swept on the scores the curve is drawn on,
-so a point's accuracy is what that threshold gives on those examples (a threshold chosen
-beforehand, on other data, may land elsewhere on the curve).
+so a point's accuracy is what that threshold gives on those examples. The deployable number
+is ``held_out``: the threshold chosen on the training split's scores (the cheapest point
+there within 1 point of the reference budget), then applied to the eval examples.
 
 Only scores of the greedy answer (``scores["answers"] == "greedy"``, written by
 ``parcel_jax.policy_scores``) simulate a cascade: under teacher forcing the probability of
@@ -267,20 +268,50 @@ def reference_point(fixed: list[dict], budget: int = REFERENCE_BUDGET) -> dict:
   return by_budget.get(int(budget), fixed[-1])
 
 
+def choose_threshold(points: list[dict], scores: dict, *, reference_budget: int = REFERENCE_BUDGET,
+                     axis: str = "tokens") -> float | None:
+  """The threshold a deployment would fix from ``scores`` (the training split's): that of the
+  cheapest of ``points`` (a sweep on those scores) whose overall accuracy is at most
+  ``ACCURACY_LOSS`` below the reference budget's there; None if no point is that accurate."""
+  reference = reference_point(fixed_points(scores), reference_budget)
+  chosen = saving_at_accuracy(points, reference, axis=axis)
+  return None if chosen is None else chosen["threshold"]
+
+
+def held_out(threshold: float | None, train_points: list[dict], eval_point: dict | None,
+             eval_fixed: list[dict], *, reference_budget: int = REFERENCE_BUDGET) -> dict | None:
+  """A threshold chosen on the training split (``choose_threshold``) and what it gives on the
+  eval examples, against the eval reference budget: ``{"threshold", "train_accuracy",
+  "train_tokens", "accuracy", "mean_tokens", "mean_flops", "reference_accuracy",
+  "tokens_saving", "flops_saving", "loss"}`` overall; None without a threshold."""
+  if threshold is None or eval_point is None:
+    return None
+  on_train = next(p for p in train_points if p["threshold"] == threshold)
+  ref = reference_point(eval_fixed, reference_budget)
+  acc, tokens, flops = (eval_point[k]["overall"] for k in ("accuracy", "mean_tokens", "mean_flops"))
+  return {"threshold": threshold, "train_accuracy": on_train["accuracy"]["overall"],
+          "train_tokens": on_train["mean_tokens"]["overall"], "accuracy": acc, "mean_tokens": tokens,
+          "mean_flops": flops, "reference_accuracy": ref["accuracy"]["overall"],
+          "tokens_saving": 1.0 - tokens / ref["mean_tokens"]["overall"],
+          "flops_saving": 1.0 - flops / ref["mean_flops"]["overall"],
+          "loss": ref["accuracy"]["overall"] - acc}
+
+
 # ---------------------------------------------------------------- the comparison
 
 def compare(scores: dict, *, cascade: dict | None = None, router: dict | None = None,
-            reference_budget: int = REFERENCE_BUDGET) -> dict:
+            reference_budget: int = REFERENCE_BUDGET, held_out_results: dict | None = None) -> dict:
   """Fixed budgets, the oracle and the simulated policies on the same examples, and the
   headline numbers of each policy, per group.
 
   Args:
     scores: greedy per-example scores (the examples every curve is measured on).
     cascade / router: ``simulate_cascade`` / ``simulate_router`` results on ``scores``.
+    held_out_results: ``{policy: held_out(...)}``, thresholds fixed on the training split.
   Returns: ``{"examples", "groups", "reference_budget", "fixed": [points], "oracle": point,
   "cascade": {..., "points"}, "router": {..., "points"}, "headline": {policy: {group:
-  {"tokens_saving", "flops_saving", "tokens_gain", "flops_gain"}}}}`` (policy: fixed,
-  oracle, cascade, router; a number is None where no point qualifies).
+  {"tokens_saving", "flops_saving", "tokens_gain", "flops_gain"}}}, "held_out": {policy:
+  ...}}`` (policy: fixed, oracle, cascade, router; a number is None where no point qualifies).
   """
   scores = scores_lib.check(scores)
   if scores.get("answers") != GREEDY:
@@ -304,6 +335,8 @@ def compare(scores: dict, *, cascade: dict | None = None, router: dict | None = 
                  "flops_gain": gain_at_cost(points, fixed, group=g, axis="flops")}
              for g in out["groups"]}
       for name, points in policies.items()}
+  if held_out_results is not None:
+    out["held_out"] = dict(held_out_results)
   return out
 
 
@@ -344,6 +377,15 @@ def format_comparison(result: dict, rows: int = 12) -> str:
   for name, per_group in result["headline"].items():
     h = per_group["overall"]
     lines.append(f"{name:>16} " + "; ".join(_headline_text(h, axis) for axis in ("tokens", "flops")))
+  if result.get("held_out"):
+    lines.append(f"threshold fixed on the training split (cheapest within {100 * ACCURACY_LOSS:g} point of "
+                 f"B={ref} there), applied to these examples:")
+    for name, h in result["held_out"].items():
+      lines.append(f"{name:>16} " + ("no threshold within 1 point on the training split" if h is None else
+                   f"t={h['threshold']:.4g}: EM {100 * h['accuracy']:.1f} vs {100 * h['reference_accuracy']:.1f} "
+                   f"at B={ref} ({100 * h['loss']:+.1f} points lost), {h['mean_tokens']:.1f} mean tokens "
+                   f"(saving {100 * h['tokens_saving']:.1f}%), GFLOPs saving {100 * h['flops_saving']:.1f}%; "
+                   f"train EM {100 * h['train_accuracy']:.1f} at {h['train_tokens']:.1f} tokens"))
   return "\n".join(lines)
 
 

@@ -72,6 +72,42 @@ def test_cascade_on_hand_made_scores():
     policies.simulate_cascade({k: v for k, v in table.items() if k != "vit_flops"}, [0.5])
 
 
+def test_held_out_threshold_is_fixed_on_the_training_scores_only():
+  """The threshold comes from the training table alone (changing the eval table's confidences
+  leaves it), is the cheapest training point within 1 point of B = 256 there, and the eval
+  numbers are the cascade's at exactly that threshold."""
+  rng = np.random.default_rng()
+  train, evals = random_table(400, rng=rng), random_table(300, rng=rng)
+  train_points = policies.simulate_cascade(train)["points"]
+  t = policies.choose_threshold(train_points, train)
+  ref = policies.reference_point(policies.fixed_points(train))["accuracy"]["overall"]
+  ok = [p for p in train_points if p["accuracy"]["overall"] >= ref - policies.ACCURACY_LOSS - 1e-12]
+  assert ok and t == min(ok, key=lambda p: (p["mean_tokens"]["overall"], -p["accuracy"]["overall"]))["threshold"]
+  shuffled = {**evals, "answer_prob": rng.permutation(evals["answer_prob"])}
+  assert policies.choose_threshold(train_points, train) == t
+  for table in (evals, shuffled):
+    point = policies.simulate_cascade(table, [t])["points"][0]
+    h = policies.held_out(t, train_points, point, policies.fixed_points(table))
+    b256 = policies.fixed_points(table)[-1]
+    assert h["threshold"] == t and h["accuracy"] == point["accuracy"]["overall"]
+    assert h["tokens_saving"] == pytest.approx(1 - point["mean_tokens"]["overall"] / 256)
+    assert h["loss"] == pytest.approx(b256["accuracy"]["overall"] - point["accuracy"]["overall"])
+    assert h["flops_saving"] == pytest.approx(1 - point["mean_flops"]["overall"] / b256["mean_flops"]["overall"])
+  # No training point within 1 point (every budget below 256 wrong, confidences flat): no threshold.
+  hard = {**train, "correct": np.zeros_like(train["correct"])}
+  hard["correct"][:, -1] = True
+  hard["answer_prob"] = np.full_like(train["answer_prob"], 0.5)
+  hard_points = policies.simulate_cascade(hard, [0.0, 0.4])["points"]
+  assert policies.choose_threshold(hard_points, hard) is None
+  assert policies.held_out(None, hard_points, None, policies.fixed_points(evals)) is None
+  out = policies.compare(evals, cascade=policies.simulate_cascade(evals), held_out_results={
+      "cascade": policies.held_out(t, train_points, policies.simulate_cascade(evals, [t])["points"][0],
+                                   policies.fixed_points(evals)), "router": None})
+  text = policies.format_comparison(out)
+  assert "threshold fixed on the training split" in text and f"t={t:.4g}" in text
+  assert "no threshold within 1 point" in text
+
+
 @pytest.mark.parametrize("confidence", policies.CONFIDENCES)
 def test_cascade_simulation_extremes_and_costs_on_random_scores(confidence):
   rng = np.random.default_rng()
@@ -390,7 +426,9 @@ def test_compare_policies_cli(tiny_workdir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "cascade over [16, 24]" in proc.stdout and "router (linear" in proc.stdout
   assert "headline (overall)" in proc.stdout and "fit on 16 training examples" in proc.stdout
+  assert "threshold fixed on the training split" in proc.stdout
   result = json.loads((out / "policies.json").read_text())
+  assert set(result["held_out"]) == {"cascade", "router"}
   assert result["examples"] == 16 and result["reference_budget"] == 24
   assert result["cascade"]["points"][0]["mean_tokens"]["overall"] == 16
   assert result["cascade"]["points"][-1]["mean_tokens"]["overall"] == 16 + 24
