@@ -14,8 +14,9 @@ A file of requests, mixed budgets batched together (``parcel_jax.serving``):
     python -m parcel_jax.predict --workdir=RUN --requests=FILE.jsonl --out=ANSWERS.jsonl \
         [--batch_size=8] [--auto_policy=smallest|scores|cascade|router ...]
 
-each line ``{"id", "image", "question", "budget": int or "auto"}`` (relative image paths are
-relative to FILE's directory); writes one record per request, in order: the answer, or
+each line ``{"id", "image", "question", "budget": int or "auto"}``, with ``"images": [...]``
+in place of ``"image"`` for several frames (relative image paths are relative to FILE's
+directory); writes one record per request, in order: the answer, or
 ``{"id", "line", "error"}`` for a request that cannot be served (every other one is still
 answered), and prints requests/s, visual tokens/s and the image cache's hits.
 
@@ -110,7 +111,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("question", None, "Question, in the tokenizer's words.")
   flags.DEFINE_list("budget", None, "Visual-token budget(s), comma separated.")
   flags.DEFINE_integer("max_new_tokens", 0, "Answer tokens at most (0: data.max_text_len - prompt).")
-  flags.DEFINE_string("requests", None, "JSONL file of requests {id, image, question, budget}.")
+  flags.DEFINE_string("requests", None, "JSONL file of requests {id, image (or images: "
+                      "frames), question, budget}.")
   flags.DEFINE_string("out", None, "With --requests: the answers' JSONL file.")
   flags.DEFINE_integer("batch_size", 8, "With --requests: rows per batch (every batch is padded to it).")
   flags.DEFINE_string("auto_scores", None, "With --requests: per-example scores (.npz from evaluate "

@@ -1,7 +1,8 @@
 r"""Mixed-budget batched inference with an image-feature cache.
 
 One checkpoint serves every visual-token budget. ``Server.serve(requests)`` answers a list
-of requests (image, question, budget: an int or ``"auto"``) with KV-cache greedy decoding:
+of requests (image or frames, question, budget: an int or ``"auto"``) with KV-cache greedy
+decoding:
 
   1. Each image file is read and hashed (sha256 of its bytes). Images already in the
      ``FeatureCache`` are not decoded or encoded again (a hit); the others are encoded by
@@ -19,18 +20,26 @@ of requests (image, question, budget: an int or ``"auto"``) with KV-cache greedy
      group runs in batches of ``batch_size`` rows with per-row budget masks: requests of
      different budgets share one compiled prefill and decode program. Prompts are
      left-padded to ``data.max_text_len`` and short batches repeat their first row, so the
-     shapes never change: one program per bucket. A row's answer equals that request
-     decoded alone at its compact bucket (masked slots and padding are invisible).
-  4. A bad request (unknown or out-of-space budget, missing or unreadable image, empty or
-     over-long question, malformed line) becomes an error record naming its line and id;
-     every other request is still answered.
+     shapes never change: one program per bucket (per bucket and frame count with frames).
+     A row's answer equals that request decoded alone at its compact bucket (masked slots
+     and padding are invisible).
+  4. A bad request (unknown or out-of-space budget, missing or unreadable image, more frames
+     than ``data.max_frames``, empty or over-long question, malformed line) becomes an error
+     record naming its line and id; every other request is still answered.
+
+Several frames (video, or several images) per request, ``"images": [...]`` (or a list under
+``"image"``, as the jsonl data source reads them): every frame is one cache entry (a frame
+shared by requests is encoded once), encoded and connected at the request's budget, and the
+frames' tokens are concatenated in order (T*B visual tokens), as ``generation.generate`` on
+(T, S, S, 3). Groups are then by bucket and frame count (see ``Server._decode``).
 
 ``grouping="budget"`` instead batches one budget at a time at its compact shape (exactly B
 visual tokens, one program per distinct budget): the baseline of
 ``benchmarks/mixed_budget.py``.
 
 The command line is ``python -m parcel_jax.predict --workdir=RUN --requests=FILE.jsonl
---out=ANSWERS.jsonl``; each line ``{"id", "image", "question", "budget"}``.
+--out=ANSWERS.jsonl``; each line ``{"id", "image", "question", "budget"}``, or ``"images": [...]``
+in place of ``"image"`` for frames.
 """
 
 from __future__ import annotations
@@ -52,21 +61,30 @@ from parcel_jax import generation
 from parcel_jax import policies
 from parcel_jax import router as router_lib
 from parcel_jax import scores as scores_lib
+from parcel_jax.data import images as images_lib
+from parcel_jax.data import jsonl
 
 AUTO = "auto"
 FIELDS = ("id", "image", "question", "budget")
+FRAMES_FIELD = jsonl.FRAMES_KEY       # "images": frames, in place of "image"
 GROUPINGS = ("bucket", "budget")
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """One question about one image. ``line``: 1-based line in the requests file (or the
-  position in a list); ``budget``: visual tokens, or ``"auto"`` (the server's policy)."""
+  """One question about one image or several (frames, in order). ``line``: 1-based line in
+  the requests file (or the position in a list); ``image``: a path, or a sequence of paths
+  for frames; ``budget``: visual tokens, or ``"auto"`` (the server's policy)."""
   line: int
   id: object
-  image: str
+  image: str | Sequence[str]
   question: str
   budget: int | str
+
+  @property
+  def frames(self) -> tuple[str, ...]:
+    """The image paths in frame order (one for a single image)."""
+    return (self.image,) if isinstance(self.image, str) else tuple(self.image)
 
   def name(self) -> str:
     return describe(self.line, self.id)
@@ -90,26 +108,34 @@ class RequestError(ValueError):
 def parse_request(obj, line: int, base_dir: str = "") -> Request:
   """A request from a decoded JSON object; RequestError naming ``line`` and the id.
 
-  Only the fields' types are checked here; the budget's space, the image and the question's
-  length are checked by the server (they depend on the model)."""
+  The image is ``"image"`` (a path, or a list of paths: frames) or ``"images"`` (a list of
+  paths, or one), as the jsonl data source reads them; a one-path list is a single image.
+  Only the fields' types are checked here; the budget's space, the images, the number of
+  frames and the question's length are checked by the server (they depend on the model)."""
   rid = obj.get("id") if isinstance(obj, dict) else None
   if not isinstance(obj, dict):
     raise RequestError(line, rid, f"expected a JSON object with fields {list(FIELDS)}, got {type(obj).__name__}")
-  missing = [k for k in FIELDS if k not in obj]
+  missing = [k for k in FIELDS if k not in obj and not (k == "image" and FRAMES_FIELD in obj)]
   if missing:
     raise RequestError(line, rid, f"missing field(s) {missing}; a request has {list(FIELDS)}")
-  unknown = sorted(set(obj) - set(FIELDS))
+  unknown = sorted(set(obj) - set(FIELDS) - {FRAMES_FIELD})
   if unknown:
-    raise RequestError(line, rid, f"unknown field(s) {unknown}; a request has {list(FIELDS)}")
-  image, question, budget = obj["image"], obj["question"], obj["budget"]
-  if not isinstance(image, str) or not image:
-    raise RequestError(line, rid, f"'image' must be a non-empty path, got {image!r}")
+    raise RequestError(line, rid, f"unknown field(s) {unknown}; a request has {list(FIELDS)} "
+                                  f"({FRAMES_FIELD!r} in place of 'image' for frames)")
+  if "image" in obj and FRAMES_FIELD in obj:
+    raise RequestError(line, rid, f"both 'image' and {FRAMES_FIELD!r}; give one (a list of paths for frames)")
+  field = "image" if "image" in obj else FRAMES_FIELD
+  image, question, budget = obj[field], obj["question"], obj["budget"]
+  frames = image if isinstance(image, list) else [image]
+  if not frames or not all(isinstance(p, str) and p for p in frames):
+    raise RequestError(line, rid, f"{field!r} must be a non-empty path or a list of one or more paths "
+                                  f"(frames), got {str(image)[:80]!r}")
   if not isinstance(question, str) or not question.strip():
     raise RequestError(line, rid, f"'question' is empty ({question!r})")
   if budget != AUTO and (isinstance(budget, bool) or not isinstance(budget, int)):
     raise RequestError(line, rid, f"'budget' must be an integer or {AUTO!r}, got {budget!r}")
-  path = image if os.path.isabs(image) or not base_dir else os.path.join(base_dir, image)
-  return Request(line, rid, path, question, budget)
+  paths = tuple(p if os.path.isabs(p) or not base_dir else os.path.join(base_dir, p) for p in frames)
+  return Request(line, rid, paths[0] if len(paths) == 1 else paths, question, budget)
 
 
 def read_requests(path: str) -> list[Request | RequestError]:
@@ -138,7 +164,9 @@ def read_requests(path: str) -> list[Request | RequestError]:
 
 # ---------------------------------------------------------------- budget policies
 
-Policy = Callable[[Request, np.ndarray], int]
+# features: the request's ViT features, (g, g, Dv) for one image, (T, g, g, Dv) for frames;
+# None for a method that encodes per budget (they depend on the budget being chosen).
+Policy = Callable[[Request, np.ndarray | None], int]
 
 
 def smallest_budget_policy(budgets: Sequence[int]) -> Policy:
@@ -167,9 +195,16 @@ def policy_from_scores(scores: dict, tolerance: float = 0.01) -> Policy:
 
 def router_policy(router: router_lib.Router, tokenizer, threshold: float | None = None) -> Policy:
   """``"auto"`` -> the budget a trained ``router.Router`` picks from the image's pooled
-  features and the question's prompt (``threshold``: None = the router's own)."""
-  return lambda request, features: router.choose(
-      features, generation.prompt_tokens(request.question, tokenizer), threshold)
+  features and the question's prompt (``threshold``: None = the router's own).
+
+  The router is fit on one image's features; a request of several frames is refused (a
+  ValueError, which the server reports as that request's error) rather than guessed at."""
+  def choose(request, features):
+    if features is not None and np.ndim(features) == 4:
+      raise ValueError(f"the router reads one image's features (g, g, Dv); this request has "
+                       f"{len(features)} frames")
+    return router.choose(features, generation.prompt_tokens(request.question, tokenizer), threshold)
+  return choose
 
 
 # ---------------------------------------------------------------- feature cache
@@ -254,13 +289,17 @@ def decode_rows(run, features: Sequence[np.ndarray], prompts: Sequence[np.ndarra
   prompt, as ``generation.generate``).
 
   Args:
-    features: per row (g, g, Dv); prompts: per row ``[BOS, ..., SEP]`` ids; budgets: per row.
+    features: per row (g, g, Dv), or (T, g, g, Dv) for T frames (every row the same shape);
+      prompts: per row ``[BOS, ..., SEP]`` ids; budgets: per row.
   Returns: per row ``{"ids" (n,) int32 answer tokens (EOS included when emitted), "answer"
   text, "answer_prob", "min_token_prob" (product / minimum of their probabilities),
   "logits" (n, vocab) with keep_logits}``.
   """
   if not 0 < len(prompts) <= batch_size:
     raise ValueError(f"decode_rows takes 1..{batch_size} rows, got {len(prompts)}")
+  shapes = sorted({np.shape(f) for f in features})
+  if len(shapes) > 1:
+    raise ValueError(f"decode_rows takes rows of one feature shape (one frame count), got {shapes}")
   prompt_len = int(run.config.data.max_text_len)
   fill = lambda rows: list(rows) + [rows[0]] * (batch_size - len(rows))   # fixed batch: one program
   prefix = np.zeros((batch_size, prompt_len), np.int32)
@@ -298,9 +337,9 @@ class ServeStats:
   cache_hits: int = 0
   images_encoded: int = 0
   batches: int = 0
-  visual_tokens: int = 0          # summed budgets of every decoder pass (a cascade's all count)
+  visual_tokens: int = 0          # summed budget x frames of every decoder pass (a cascade's all count)
   decoder_passes: int = 0         # rows decoded: one per answered request, more in a cascade
-  programs: set = dataclasses.field(default_factory=set)  # decode shapes (buckets) used
+  programs: set = dataclasses.field(default_factory=set)  # decode shapes (bucket, frames) used
   seconds: float = 0.0
 
   @property
@@ -325,12 +364,17 @@ class _Item:
   pos: int
   request: Request
   prompt: np.ndarray
-  data: bytes                           # the image file
+  data: tuple[bytes, ...]               # the image files, one per frame
   budget: int | None = None             # None: "auto", not chosen yet
-  cached: bool | None = None            # its first features came from the cache
-  feature_key: str | None = None        # the ``FeatureCache.key`` of ``features``
-  features: np.ndarray | None = None    # (g, g, Dv), held from lookup to the last decoder pass
+  cached: bool | None = None            # its first features (every frame's) came from the cache
+  feature_keys: tuple[str, ...] | None = None   # the ``FeatureCache.key`` of each frame's features
+  features: np.ndarray | None = None    # (g, g, Dv), or (T, g, g, Dv) for frames; held from
+                                        # lookup to the last decoder pass
   cascade: list | None = None           # under a Cascade: one entry per pass so far
+
+  @property
+  def frames(self) -> int:
+    return len(self.data)
 
 
 class Server:
@@ -340,8 +384,9 @@ class Server:
     batch_size: rows per encoder and decoder batch (every batch is padded to it).
     max_new_tokens: answer tokens at most; None: ``data.max_text_len`` minus the prompt,
       per request (as ``generation.generate``).
-    policy: ``policy(request, features (g, g, Dv)) -> budget`` for ``"auto"`` requests, or
-      a ``policies.Cascade`` (its budgets must be in the method's space);
+    policy: ``policy(request, features) -> budget`` for ``"auto"`` requests (features
+      (g, g, Dv), or (T, g, g, Dv) for frames), or a ``policies.Cascade`` (its budgets must
+      be in the method's space);
       None: ``smallest_budget_policy`` of the run's trained budgets. A method that encodes
       per budget has no features before the budget is chosen: the policy gets None.
     cache: a ``FeatureCache`` (shared across calls; None: a new one).
@@ -370,6 +415,7 @@ class Server:
     self.cache = cache if cache is not None else FeatureCache()
     self.max_new_tokens = max_new_tokens
     self.prompt_len = int(run.config.data.max_text_len)
+    self.max_frames = int(run.config.data.get("max_frames", 1))   # frames per request at most
     self.decode_len = decode_length(run, max_new_tokens)
     self.stats = ServeStats()
     self._images: dict[str, np.ndarray | str] = {}   # during ``serve``: see ``_image``
@@ -385,6 +431,19 @@ class Server:
                          f"budget {int(budget)} is not valid for method {self.run.method!r}; "
                          f"allowed: {budgets_lib._describe(self.space.budgets)}")
     return int(budget)
+
+  def _read_frames(self, request: Request) -> tuple[bytes, ...]:
+    """The bytes of the request's image files, in frame order; RequestError naming the request
+    when there are more frames than ``data.max_frames`` (before any file is read) or a file
+    is missing."""
+    try:
+      images_lib.check_frame_count(len(request.frames), self.max_frames)
+    except images_lib.BadExample as e:
+      raise RequestError(request.line, request.id, e.message) from e
+    try:
+      return tuple(generation.read_file(path) for path in request.frames)
+    except OSError as e:                      # missing, a directory, unreadable
+      raise RequestError(request.line, request.id, str(e)) from e
 
   def _prompt(self, request: Request) -> np.ndarray:
     prompt = generation.prompt_tokens(request.question, self.run.tokenizer)
@@ -402,19 +461,22 @@ class Server:
   # ---------------------------------------------------------------- decoding
 
   def _decode_group(self, bucket: budgets_lib.Bucket, items: list[_Item], results: list) -> None:
-    """One decoder pass for every item (all served by ``bucket``), ``batch_size`` rows at a
-    time; a record per item in ``results`` (a cascade's earlier record is replaced)."""
+    """One decoder pass for every item (all served by ``bucket``, all of one frame count),
+    ``batch_size`` rows at a time; a record per item in ``results`` (a cascade's earlier
+    record is replaced)."""
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
       rows = decode_rows(self.run, [item.features for item in chunk], [item.prompt for item in chunk],
                          [item.budget for item in chunk], bucket=bucket, batch_size=self.batch_size,
                          max_new_tokens=self.max_new_tokens, keep_logits=self.keep_logits)
       self.stats.batches += 1
-      self.stats.programs.add(bucket)
+      self.stats.programs.add((bucket, chunk[0].frames))
       for item, row in zip(chunk, rows):
         record = {"id": item.request.id, "line": item.request.line, "budget": item.budget,
                   "answer": row["answer"], "answer_prob": row["answer_prob"],
                   "min_token_prob": row["min_token_prob"], "bucket": str(bucket), "cached": item.cached}
+        if item.frames > 1:
+          record["frames"] = item.frames
         if item.cascade is not None:
           item.cascade.append({"budget": item.budget, "answer_prob": row["answer_prob"],
                                "min_token_prob": row["min_token_prob"]})
@@ -423,18 +485,25 @@ class Server:
           record["logits"] = row["logits"]
         results[item.pos] = record
         self.stats.decoder_passes += 1
-        self.stats.visual_tokens += item.budget
+        self.stats.visual_tokens += item.budget * item.frames
 
   def _decode(self, items: list[_Item], results: list) -> None:
-    """Decodes every item at its budget, grouped by bucket; then a cascade's items whose
-    answer is not confident enough go again at their next budget (same features, unless
-    the method encodes per budget), until none is left."""
+    """Decodes every item at its budget, grouped by bucket and frame count; then a cascade's
+    items whose answer is not confident enough go again at their next budget (same
+    features, unless the method encodes per budget), until none is left.
+
+    Frame counts are grouped, not padded to the longest clip with a frame mask (which would
+    answer the same: masked slots are invisible): a request of T frames is T*slots visual
+    tokens, so padding a single image to ``data.max_frames`` frames would multiply its
+    prefill and every decode step's attention by up to that factor. Grouping costs at most
+    one compiled program per (bucket, frame count), a few per bucket, and emptier batches
+    when frame counts are spread."""
     while items:
       groups = collections.defaultdict(list)
       for item in items:
-        groups[self._bucket(item.budget)].append(item)
-      for bucket in sorted(groups):
-        self._decode_group(bucket, groups[bucket], results)
+        groups[(self._bucket(item.budget), item.frames)].append(item)
+      for bucket, frames in sorted(groups):
+        self._decode_group(bucket, groups[(bucket, frames)], results)
       again = []
       for item in items:
         if item.cascade is not None:
@@ -451,39 +520,44 @@ class Server:
     results[pos] = error.record()
     self.stats.errors += 1
 
-  def _image(self, item: _Item) -> np.ndarray | str:
-    """The item's decoded image (once per ``serve`` call), or why it is not one."""
-    key = FeatureCache.key(item.data)
+  def _image(self, data: bytes, path: str) -> np.ndarray | str:
+    """The decoded image of file ``path`` with bytes ``data`` (once per ``serve`` call), or
+    why it is not one."""
+    key = FeatureCache.key(data)
     if key not in self._images:
       try:
-        self._images[key] = generation.decode_image(item.data, self.run.image_size,
-                                                    f"image {item.request.image}")
+        self._images[key] = generation.decode_image(data, self.run.image_size, f"image {path}")
       except ValueError as e:
         self._images[key] = str(e)
     return self._images[key]
 
   def _attach_features(self, items: list[_Item], results: list) -> list[_Item]:
     """Gives every item the features for its budget (``BudgetSpec.encoding_bucket``; one set
-    for every budget, and for an undecided one, when the method encodes once): from the
-    cache, or decoded and encoded ``batch_size`` at a time. An item whose image cannot be
-    decoded gets an error record and is left out of the items returned (in order)."""
-    pending, keyed = {}, []                    # feature key -> (encoding, image); (item, key)
+    for every budget, and for an undecided one, when the method encodes once), frame by
+    frame: from the cache, or decoded and encoded ``batch_size`` frames at a time (a frame
+    shared by items, in this call or an earlier one, is encoded once). An item with a frame
+    that cannot be decoded gets an error record and is left out of the items returned (in
+    order)."""
+    pending, keyed = {}, []        # feature key -> (encoding, image or why not); (item, keys, held)
     for item in items:
       encoding = None if item.budget is None else self.space.encoding_bucket(item.budget)
-      key = FeatureCache.key(item.data, encoding)
-      keyed.append((item, key))
-      if key == item.feature_key:              # it holds them already (a later cascade pass)
+      keys = tuple(FeatureCache.key(data, encoding) for data in item.data)
+      if keys == item.feature_keys:            # it holds them already (a later cascade pass)
+        keyed.append((item, keys, None))
         continue
-      # A hit: encoded by an earlier call, or for an earlier request of this one.
-      hit = self.cache.lookup(key) or key in pending
+      # A hit: encoded by an earlier call, or for an earlier request (or frame) of this one.
+      hits = [self.cache.lookup(key) or key in pending for key in keys]
       if item.cached is None:
-        item.cached = hit
-        self.stats.cache_hits += hit
-      item.feature_key, item.features = key, None
-      if key in self.cache:
-        item.features = self.cache.get(key)    # held: later puts may evict it
-      elif key not in pending:
-        pending[key] = (encoding, self._image(item))
+        item.cached = all(hits)
+        self.stats.cache_hits += sum(hits)
+      item.feature_keys, item.features = keys, None
+      held = {}                                # taken now: later puts may evict them
+      for key, data, path in zip(keys, item.data, item.request.frames):
+        if key in self.cache:
+          held[key] = self.cache.get(key)
+        elif key not in pending:
+          pending[key] = (encoding, self._image(data, path))
+      keyed.append((item, keys, held))
     by_encoding = collections.defaultdict(dict)
     for key, (encoding, image) in pending.items():
       if not isinstance(image, str):
@@ -495,13 +569,15 @@ class Server:
       self.cache.put(key, features)
     self.stats.images_encoded += len(fresh)
     out = []
-    for item, key in keyed:
-      if item.features is None and key not in fresh:
-        r = item.request
-        self._fail(results, item.pos, RequestError(r.line, r.id, pending[key][1]))
-        continue
-      if item.features is None:
-        item.features = fresh[key]
+    for item, keys, held in keyed:
+      if held is not None:
+        bad = [key for key in keys if key not in held and key not in fresh]
+        if bad:
+          r = item.request
+          self._fail(results, item.pos, RequestError(r.line, r.id, pending[bad[0]][1]))
+          continue
+        frames = [held[key] if key in held else fresh[key] for key in keys]
+        item.features = frames[0] if len(frames) == 1 else np.stack(frames)   # (T, g, g, Dv)
       out.append(item)
     return out
 
@@ -512,10 +588,11 @@ class Server:
     be served become ``{"id", "line", "error"}``; the others
     ``{"id", "line", "budget", "answer", "answer_prob", "min_token_prob", "bucket", "cached"}``
     (``answer_prob`` / ``min_token_prob``: product / minimum of the greedy answer tokens'
-    probabilities, EOS included; ``cached``: features came from the cache); an ``"auto"``
-    request under a cascade also has ``"cascade"``, one ``{"budget", "answer_prob",
+    probabilities, EOS included; ``cached``: features, every frame's, came from the cache);
+    a request of several frames also has ``"frames"`` (their number); an ``"auto"`` request
+    under a cascade also has ``"cascade"``, one ``{"budget", "answer_prob",
     "min_token_prob"}`` per pass, the last being the answer given. ``self.stats`` holds this
-    call's counts and timing.
+    call's counts and timing (images are counted per frame).
     """
     self.stats = stats = ServeStats(requests=len(requests))
     start = time.perf_counter()
@@ -529,10 +606,7 @@ class Server:
       try:
         prompt = self._prompt(request)
         budget = None if request.budget == AUTO else self.check_budget(request, request.budget)
-        try:
-          data = generation.read_file(request.image)
-        except OSError as e:                    # missing, a directory, unreadable
-          raise RequestError(request.line, request.id, str(e)) from e
+        data = self._read_frames(request)
       except RequestError as e:
         self._fail(results, pos, e)
         continue

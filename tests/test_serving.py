@@ -1,6 +1,7 @@
 """Mixed-budget serving (batched answers equal answers alone, the feature cache, bad requests)
 and per-example scores (agreement with evaluate, the oracle, the fixed-budget curve)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -42,19 +43,29 @@ def random_run():
   return runs.Run(config, model_cfg, spec, graphdef, params, mesh)
 
 
+def save_png(image: np.ndarray, path: str) -> str:
+  """An image in [-1, 1] (S, S, 3) as an 8-bit PNG at ``path``."""
+  Image.fromarray(np.round((image + 1) * 127.5).clip(0, 255).astype(np.uint8)).save(path)
+  return path
+
+
 def write_images(directory, count: int, start: int = 0) -> list[str]:
-  paths = []
-  for i in range(start, start + count):
-    pixels = np.round((synthetic.generate("eval", i).image + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    path = os.path.join(directory, f"image{i}.png")
-    Image.fromarray(pixels).save(path)
-    paths.append(path)
-  return paths
+  return [save_png(synthetic.generate("eval", i).image, os.path.join(directory, f"image{i}.png"))
+          for i in range(start, start + count)]
 
 
-def alone(run, path: str, question: str, budget: int, max_new_tokens: int) -> dict:
-  """The request decoded by itself: batch 1, its own prompt length, the compact bucket."""
-  image = generation.load_image(path, run.image_size)
+def write_clip(directory, index: int, frames: int) -> list[str]:
+  """The first ``frames`` frames of the synthetic motion clip ``index``, one PNG each, in order."""
+  clip = synthetic.generate("eval", index, families=("motion",)).image
+  return [save_png(frame, os.path.join(directory, f"clip{index}_f{t}.png")) for t, frame in enumerate(clip[:frames])]
+
+
+def alone(run, path, question: str, budget: int, max_new_tokens: int) -> dict:
+  """The request decoded by itself: batch 1, its own prompt length, the compact bucket.
+  ``path``: one image, or a list of frames (through the ViT together, (1, T, S, S, 3))."""
+  paths = [path] if isinstance(path, str) else list(path)
+  image = np.stack([generation.load_image(p, run.image_size) for p in paths])
+  image = image[0] if isinstance(path, str) else image
   features = evaluation.encode_images(run.graphdef, run.params, jnp.asarray(image)[None])
   prefix = generation.prompt_tokens(question, run.tokenizer)[None]
   return generation.decode_batch(run, features, prefix, np.ones(prefix.shape, bool), np.asarray([budget]),
@@ -171,6 +182,119 @@ def test_auto_budget_policies(random_run, tmp_path):
   table = hand_made_scores()
   assert serving.policy_from_scores(table, tolerance=0.02)(None, None) == 64
   assert serving.policy_from_scores(table, tolerance=0.25)(None, None) == 16
+
+
+# ------------------------------------------------------------------ frames (video, several images)
+
+@pytest.fixture(scope="module")
+def frames_run(random_run):
+  """``random_run``'s model under data.max_frames = 3: requests of up to three frames."""
+  config = random_run.config.copy_and_resolve_references()
+  config.data.max_frames = 3
+  return dataclasses.replace(random_run, config=config)
+
+
+def assert_same_answer(run, record: dict, request: serving.Request, max_new_tokens: int) -> None:
+  """The record's greedy tokens equal the request decoded alone, exactly; logits to 1e-5."""
+  ref = alone(run, request.image, request.question, request.budget, max_new_tokens)
+  n = record["logits"].shape[0]
+  np.testing.assert_array_equal(record["logits"].argmax(-1), ref["tokens"][0, :n])
+  limit = run.config.data.max_text_len - len(generation.prompt_tokens(request.question))
+  assert n == limit or ref["tokens"][0, n - 1] == run.tokenizer.eos_id
+  assert record["answer"] == run.tokenizer.decode(ref["tokens"][0, :limit].tolist())
+  assert_rel_close(record["logits"], ref["logits"][0, :n], 1e-5)
+
+
+def test_frames_request_equals_generate(frames_run, tmp_path):
+  """A three-frame request ("images" in the file) answers what generation.generate answers on
+  the (T, S, S, 3) clip at its budget, token for token; the frames and their order matter."""
+  run = frames_run
+  frames = write_clip(tmp_path, int(np.random.default_rng().integers(10**6)), 3)
+  line = {"id": "clip", "images": [os.path.basename(p) for p in frames], "question": QUESTIONS[0], "budget": 40}
+  (tmp_path / "requests.jsonl").write_text(json.dumps(line) + "\n")
+  (request,) = serving.read_requests(str(tmp_path / "requests.jsonl"))
+  assert request.frames == tuple(frames)
+  server = serving.Server(run, batch_size=4, keep_logits=True)
+  record = server.answer(request)
+  assert record["frames"] == 3 and record["bucket"] == "4x4+46q"
+  assert (server.stats.images_encoded, server.stats.visual_tokens, len(server.stats.programs)) == (3, 3 * 40, 1)
+  clip = np.stack([generation.load_image(p, run.image_size) for p in frames])
+  assert record["answer"] == generation.generate(run, clip, QUESTIONS[0], [40])[40]
+  assert_same_answer(run, record, request, server.decode_len)
+  # Not the first frame alone, nor the frames reversed: the first answer token's logits differ
+  # by over 10x the 1e-5 to which equal requests agree (the random model's answers depend
+  # on the image only weakly, so the margin is a relative one).
+  first = alone(run, frames, QUESTIONS[0], 40, server.decode_len)["logits"][0, 0].astype(np.float64)
+  for other in (frames[0], frames[::-1]):
+    other_logits = alone(run, other, QUESTIONS[0], 40, server.decode_len)["logits"][0, 0]
+    assert np.linalg.norm(other_logits - first) > 1e-4 * np.linalg.norm(first)
+
+
+def test_frames_and_single_images_at_mixed_budgets(frames_run, tmp_path):
+  """One- and three-frame requests at budgets of two buckets in one call: each answers as it
+  does alone; a frame shared by requests is encoded once; one program per (bucket, frames)."""
+  run = frames_run
+  rng = np.random.default_rng()
+  clip_a, clip_b = (write_clip(tmp_path, int(i), 3) for i in rng.choice(10**6, 2, replace=False))
+  (single,) = write_images(tmp_path, 1, start=int(rng.integers(10**6)))
+  requests = [serving.Request(1, "a0", clip_a[0], QUESTIONS[0], 24),          # clip a's first frame
+              serving.Request(2, "a", tuple(clip_a), QUESTIONS[1], 40),
+              serving.Request(3, "b", tuple(clip_b), QUESTIONS[2], 100),
+              serving.Request(4, "s", single, QUESTIONS[3], 66),
+              serving.Request(5, "b24", tuple(clip_b), QUESTIONS[0], 24)]     # clip b again, another budget
+  server = serving.Server(run, batch_size=4, keep_logits=True)
+  records = server.serve(requests)
+  stats = server.stats
+  assert (stats.answered, stats.errors, stats.images_encoded, stats.cache_hits) == (5, 0, 7, 4)
+  assert [r.get("frames", 1) for r in records] == [1, 3, 3, 1, 3]
+  assert [r["cached"] for r in records] == [False, False, False, False, True]
+  assert [r["bucket"] for r in records] == ["4x4+46q", "4x4+46q", "8x8+64q", "8x8+64q", "4x4+46q"]
+  assert len(stats.programs) == stats.batches == 4          # (bucket, frames): a and b24 share a batch
+  assert stats.visual_tokens == 24 + 3 * 40 + 3 * 100 + 66 + 3 * 24
+  for request, record in zip(requests, records):
+    assert_same_answer(run, record, request, server.decode_len)
+
+
+def test_too_many_frames_is_named_and_the_others_answered(frames_run, random_run, tmp_path):
+  """More frames than data.max_frames, both "image" and "images", an empty list or a missing
+  frame: an error naming the request; the other requests answer as they do without them."""
+  rng = np.random.default_rng()
+  frames = write_clip(tmp_path, int(rng.integers(10**6)), 3)
+  (extra,) = write_images(tmp_path, 1, start=int(rng.integers(10**6)))
+  names = [os.path.basename(p) for p in frames]
+  q = QUESTIONS[1]
+  lines = [{"id": "ok", "images": names, "question": q, "budget": 24},
+           {"id": "four", "images": names + [os.path.basename(extra)], "question": q, "budget": 24},
+           {"id": "listed", "image": names[::-1], "question": q, "budget": 40},    # a list under "image"
+           {"id": "one", "images": [names[1]], "question": q, "budget": 66},      # one frame: one image
+           {"id": "both", "image": names[0], "images": names, "question": q, "budget": 24},
+           {"id": "empty", "images": [], "question": q, "budget": 24},
+           {"id": "gone", "images": [names[0], "missing.png"], "question": q, "budget": 24}]
+  path = tmp_path / "requests.jsonl"
+  path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+  requests = serving.read_requests(str(path))
+  assert requests[3].image == frames[1] and requests[2].frames == tuple(frames[::-1])
+  server = serving.Server(frames_run, batch_size=4, keep_logits=True)
+  records = server.serve(requests)
+  assert [r["line"] for r in records] == list(range(1, 8))
+  errors = {r["id"]: r["error"] for r in records if "error" in r}
+  assert set(errors) == {"four", "both", "empty", "gone"} and server.stats.answered == 3
+  assert "4 images (frames), more than data.max_frames=3" in errors["four"]
+  assert "both 'image' and 'images'" in errors["both"] and "one or more paths" in errors["empty"]
+  assert "missing.png does not exist" in errors["gone"]
+  with pytest.raises(serving.RequestError, match=r"request line 2 \(id 'four'\): 4 images \(frames\), "
+                                                 r"more than data.max_frames=3"):
+    server.answer(requests[1])
+  good = [requests[i] for i in (0, 2, 3)]
+  without = serving.Server(frames_run, batch_size=4, keep_logits=True).serve(good)
+  for request, record, ref in zip(good, [records[i] for i in (0, 2, 3)], without):
+    assert record["answer"] == ref["answer"] and record.get("frames", 1) == len(request.frames)
+    np.testing.assert_array_equal(record["logits"], ref["logits"])
+    assert_same_answer(frames_run, record, request, server.decode_len)
+  # A single-image run refuses two frames, naming its limit.
+  with pytest.raises(serving.RequestError, match=r"request line 1 \(id 'pair'\): 2 images \(frames\), "
+                                                 r"more than data.max_frames=1"):
+    serving.Server(random_run, batch_size=4).answer(serving.Request(1, "pair", tuple(frames[:2]), q, 24))
 
 
 # ------------------------------------------------------------------ per-example scores
