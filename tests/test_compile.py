@@ -3,7 +3,8 @@
 libtpu compiles for a named topology without TPU hardware. The tiny config's train step is
 compiled for 1, 2 and 4 v4 chips under FSDP: memory analysis is present, per-device
 argument bytes (parameters + Adam state + the batch) shrink about as 1 / devices, and XLA's
-FLOPs agree with the Appendix-C cost model.
+FLOPs agree with the Appendix-C cost model. With T frames per example (``data.max_frames`` or
+``--frames``) the programs take (b, T, S, S, 3) frames and their FLOPs grow as the cost model's.
 """
 
 from __future__ import annotations
@@ -90,3 +91,94 @@ def test_an_out_of_hbm_refusal_is_reported_with_its_temporaries():
   assert not r.fits and r.temp_bytes == int(1.97 * (1 << 40))
   table = compile_lib.format_reports([r], topologies.parse("v4-512"))
   assert "refused by XLA" in table and "does not fit" in table
+
+
+# ------------------------------------------------------------------ frames
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def frame_reports(reports):
+  """The tiny config's train step on one v5e chip at 1 frame (``reports``: one image per
+  example) and at FRAMES frames per example (through ``data.max_frames``), and its prefill +
+  decode at B=64 with FRAMES frames."""
+  from parcel_jax import compile as compile_lib
+  topology = topologies.parse("v5e-1")
+  config = _tiny(1)
+  config.data.max_frames = FRAMES
+  return {1: reports[1], FRAMES: compile_lib.compile_train(config, topology)[0], "config": config,
+          "serving": compile_lib.compile_serving(config, topology, budgets=[64], batch=8)}
+
+
+def _forward_cost(config, bucket, frames: int) -> int:
+  """flops.cost's per-frame terms (ViT, connector, projection) at the bucket for ``frames``
+  frames, and the decoder over T x slots visual tokens + the step's text (head over the text)."""
+  from parcel_jax import flops
+  c = flops.cost(config, bucket.num_slots, frames)
+  length, dec = config.data.max_text_len, config.model.decoder
+  return (c["vit"] + c["connector"] + c["projection"]
+          + flops.llm_prefill_flops(frames * bucket.num_slots + length, dec)
+          + 2 * length * dec.width * dec.vocab_size)
+
+
+@needs_libtpu
+def test_train_step_takes_frames_and_its_flops_grow_as_the_cost_model(frame_reports):
+  from parcel_jax import budgets
+  one, many = frame_reports[1], frame_reports[FRAMES]
+  config = frame_reports["config"]
+  b, size = config.train.batch_size, config.model.vision.image_size
+  assert one.input_shapes["image"] == [b, size, size, 3] and "frame_mask" not in one.input_shapes
+  assert many.input_shapes["image"] == [b, FRAMES, size, size, 3]
+  assert many.input_shapes["frame_mask"] == [b, FRAMES]
+  assert (one.settings["frames"], many.settings["frames"]) == (1, FRAMES)
+  # The T-frame batch's extra image bytes are arguments of the step (per chip: one chip).
+  assert many.argument_bytes - one.argument_bytes >= (FRAMES - 1) * b * size * size * 3 * 4
+  bucket = budgets.Bucket(8, 0)   # the single budget 64: 8x8 anchors
+  assert one.bucket == many.bucket == str(bucket)
+  model_growth = _forward_cost(config, bucket, FRAMES) / _forward_cost(config, bucket, 1)
+  xla_growth = many.xla_flops / one.xla_flops
+  print(f"{FRAMES} frames / 1: XLA {xla_growth:.3f}x, cost model {model_growth:.3f}x; XLA/model "
+        f"{one.xla_flops / one.model_flops_total:.3f} (1 frame), "
+        f"{many.xla_flops / many.model_flops_total:.3f} ({FRAMES} frames)")
+  assert model_growth > 2.0
+  assert 0.95 < xla_growth / model_growth < 1.5        # tests/test_flops.py's tolerance
+  for r in (one, many):
+    assert 0.95 < r.xla_flops / r.model_flops_total < 1.5
+  assert many.model_flops_total == pytest.approx(3 * b * _forward_cost(config, bucket, FRAMES))
+  assert many.fits
+
+
+@needs_libtpu
+def test_serving_programs_take_frames(frame_reports):
+  from parcel_jax import compile as compile_lib
+  from parcel_jax import flops
+  prefill, decode = frame_reports["serving"]
+  config = frame_reports["config"]
+  size, n_t = config.model.vision.image_size, flops.text_tokens(FRAMES)
+  assert (prefill.program, decode.program) == ("prefill", "decode")
+  assert prefill.input_shapes["image"] == [8, FRAMES, size, size, 3]
+  assert prefill.input_shapes["text"] == [8, n_t] and n_t == flops.VIDEO_TEXT_TOKENS
+  cache = FRAMES * 64 + n_t + 32     # T x B visual tokens, the video prefix, the answer
+  assert decode.input_shapes["cache_size"] == [cache] and decode.bucket == f"B=64 cache={cache}"
+  assert prefill.model_flops_total == 8 * flops.cost(config, 64, FRAMES)["total"]
+  ratio = prefill.xla_flops / prefill.model_flops_total
+  print(f"prefill of {FRAMES} frames at B=64: XLA/model {ratio:.3f}")
+  assert 0.95 < ratio < 1.5
+  table = compile_lib.format_reports([frame_reports[FRAMES], prefill, decode],
+                                     topologies.parse("v5e-1"))
+  assert f"frames per example: {FRAMES}" in table
+
+
+def test_frames_come_from_the_flag_or_the_config():
+  from parcel_jax import compile as compile_lib
+  config = _tiny(1)
+  assert compile_lib.frames_of(config) == 1
+  config.data.max_frames = 3
+  assert compile_lib.frames_of(config) == 3
+  assert compile_lib.frames_of(config, 16) == 16          # --frames overrides the config
+  with pytest.raises(ValueError, match="--frames"):
+    compile_lib.frames_of(config, -2)
+  config.data.max_frames = 0
+  with pytest.raises(ValueError, match="data.max_frames"):
+    compile_lib.frames_of(config)
