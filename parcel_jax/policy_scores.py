@@ -16,11 +16,15 @@ What a budget policy needs to be simulated and trained, from one checkpoint:
 
 ``scores.save`` writes the table as one .npz and ``scores.load`` reads it back.
 
-Each image is encoded once and decoded at every budget at its compact shape. The eval split
-is ``evaluate``'s stream (the same examples and ``index``); the train split is the first
-``num_examples`` examples of the training source in index order (the router's labels). Text-
-only examples (no image), examples the data marks bad and those that do not fit
-``data.max_text_len`` are left out and counted (``skipped``). One process.
+Each image is encoded once and decoded at every budget at its compact shape. Both splits are
+read by ``pipeline.build_eval_dataset`` (one layout, frame padding and bad-data policy): the
+eval split is ``evaluate``'s stream (the same examples and ``index``); the train split is the
+first ``num_examples`` examples of the training source in index order (the router's labels).
+Text-only examples (no image) and examples the data marks bad (``data.on_error=skip``; under
+``raise`` the first one is an error naming it) are left out and counted (``skipped``);
+``data.long_text=reject`` makes an example that does not fit ``data.max_text_len`` a bad one,
+while under ``truncate`` one whose first answer is cut is scored against the cut answer (no
+EOS: never correct). One process.
 """
 
 from __future__ import annotations
@@ -35,9 +39,7 @@ from parcel_jax import flops as flops_lib
 from parcel_jax import policies
 from parcel_jax import router as router_lib
 from parcel_jax import serving
-from parcel_jax.data import images as images_lib
 from parcel_jax.data import pipeline
-from parcel_jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "eval")
 
@@ -56,48 +58,28 @@ def prompt_and_answer(text: np.ndarray, text_mask: np.ndarray, ar_mask: np.ndarr
 def examples(data_cfg, split: str, num_examples: int, tokenizer, *, batch_size: int = 32,
              skipped: list | None = None) -> Iterator[dict]:
   """``{"index", "image" (S, S, 3), "prompt", "answer", "family"}`` for the first
-  ``num_examples`` examples of ``split``, in order; ``skipped`` (a list) collects
-  ``(index, reason)`` of the examples left out."""
+  ``num_examples`` examples of ``split``, in order (``pipeline.build_eval_dataset`` of that
+  split: both are laid out alike); ``skipped`` (a list) collects ``(index, reason)`` of the
+  examples left out."""
   skipped = [] if skipped is None else skipped
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   eos = tokenizer.eos_id
-  if split == "eval":
-    dataset = pipeline.build_eval_dataset(data_cfg, batch_size=batch_size, num_examples=num_examples)
-    for b, batch in enumerate(dataset):
-      for i in range(len(batch["valid"])):
-        index = b * batch_size + i
-        if not batch["valid"][i]:
-          if index < num_examples:
-            skipped.append((index, "bad example"))
-          continue
-        if "has_image" in batch and not batch["has_image"][i]:
-          skipped.append((index, "no image"))
-          continue
-        prompt, answer = prompt_and_answer(batch["text"][i], batch["text_mask"][i], batch["ar_mask"][i], eos)
-        yield {"index": index, "image": batch["image"][i], "prompt": prompt, "answer": answer,
-               "family": int(batch["family"][i])}
-    return
-  source = pipeline.build_source(data_cfg, "train")
-  if not 0 < num_examples <= len(source):
-    raise ValueError(f"num_examples must be in [1, {len(source)}] (the training source's size), got {num_examples}")
-  for index in range(num_examples):
-    try:
-      record = source[index]
-      text, _ = tokenizer_lib.layout_example(tokenizer, record["question"], record["answer"],
-                                             data_cfg.max_text_len, "reject", turns=record.get("turns", ()))
-    except images_lib.BadExample as e:
-      skipped.append((index, f"{e.kind}: {e.message}"))
-      continue
-    except tokenizer_lib.TextTooLong as e:
-      skipped.append((index, f"text too long: {e}"))
-      continue
-    if not record.get("has_image", True):
-      skipped.append((index, "no image"))
-      continue
-    prompt, answer = prompt_and_answer(text["text"], text["text_mask"], text["ar_mask"], eos)
-    yield {"index": index, "image": np.asarray(record["image"], np.float32), "prompt": prompt,
-           "answer": answer, "family": int(record["family"])}
+  dataset = pipeline.build_eval_dataset(data_cfg, batch_size=batch_size, num_examples=num_examples,
+                                        split=split)
+  for b, batch in enumerate(dataset):
+    for i in range(len(batch["valid"])):
+      index = b * batch_size + i
+      if not batch["valid"][i]:
+        if index < num_examples:
+          skipped.append((index, "bad example"))
+        continue
+      if "has_image" in batch and not batch["has_image"][i]:
+        skipped.append((index, "no image"))
+        continue
+      prompt, answer = prompt_and_answer(batch["text"][i], batch["text_mask"][i], batch["ar_mask"][i], eos)
+      yield {"index": index, "image": batch["image"][i], "prompt": prompt, "answer": answer,
+             "family": int(batch["family"][i])}
 
 
 def collect(run, budgets, *, split: str, num_examples: int, batch_size: int = 32,

@@ -9,6 +9,7 @@ import pytest
 
 from parcel_jax.data import pipeline
 from parcel_jax.data import synthetic as syn
+from parcel_jax.data import tokenizer as tok_lib
 
 
 def _cfg(**overrides):
@@ -160,6 +161,36 @@ def test_eval_covers_every_example_once(process_count, num_examples):
                for img, ok in zip(b['image'], b['valid']) if ok]
   assert len(lengths) == 1  # every process runs the same number of batches
   assert sorted(seen) == expected
+
+
+def test_eval_dataset_reads_the_train_split():
+  """build_eval_dataset(split='train'): the training source's first examples in index order,
+  each laid out as its record is (layout_example), valid, then invalid padding; asking for
+  more than the split holds names data.train_size."""
+  rng = np.random.default_rng()
+  train_size, batch_size = int(rng.integers(5, 40)), int(rng.integers(2, 9))
+  n = int(rng.integers(1, train_size + 1))
+  cfg = _cfg(train_size=train_size, eval_size=3)  # more train examples than eval ones
+  ds = pipeline.build_eval_dataset(cfg, batch_size=batch_size, num_examples=n, split='train')
+  rows = {k: np.concatenate([b[k] for b in ds]) for k in ds[0]}
+  assert len(rows['valid']) == -(-n // batch_size) * batch_size
+  assert rows['valid'][:n].all() and not rows['valid'][n:].any()
+  source, tok = pipeline.build_source(cfg, 'train'), pipeline.build_tokenizer(cfg)
+  for i in range(n):
+    record = source[i]
+    text = tok_lib.encode_example(tok, record['question'], record['answer'], cfg.max_text_len)
+    np.testing.assert_array_equal(rows['image'][i], record['image'])
+    assert rows['family'][i] == record['family']
+    for k, v in text.items():
+      np.testing.assert_array_equal(rows[k][i], v, err_msg=f'{k} of train example {i}')
+  evals = pipeline.build_source(cfg, 'eval')
+  assert not np.array_equal(rows['image'][0], evals[0]['image'])  # not the eval stream
+  with pytest.raises(ValueError, match=rf'data.train_size={train_size}\] for the train split'):
+    pipeline.build_eval_dataset(cfg, batch_size=batch_size, num_examples=train_size + 1, split='train')
+  with pytest.raises(ValueError, match=r'data.eval_size=3\] for the eval split'):
+    pipeline.build_eval_dataset(cfg, batch_size=batch_size, num_examples=4)
+  with pytest.raises(ValueError, match="split must be one of"):
+    pipeline.build_eval_dataset(cfg, batch_size=batch_size, split='test')
 
 
 def test_eval_and_train_streams_differ():

@@ -511,10 +511,12 @@ class _EvalRecord(grain.transforms.Map):
 
 def build_eval_dataset(data_cfg, *, batch_size: int, process_index: int = 0,
                        process_count: int = 1, num_examples: int | None = None,
-                       stats: BadDataStats | None = None) -> grain.MapDataset:
-  """Finite eval batches in a fixed order over the first ``num_examples`` (default
-  ``data.eval_size``) eval examples; each appears exactly once with valid=True.
+                       stats: BadDataStats | None = None, split: str = 'eval') -> grain.MapDataset:
+  """Finite batches in a fixed order over the first ``num_examples`` (default: the split's
+  size) examples of ``split``; each appears exactly once with valid=True.
 
+  ``split`` 'eval' is the eval stream; 'train' lays the training source out the same way,
+  in index order (no shuffle, no repeat): the examples a tool scores on the training split.
   The examples are padded to a multiple of ``batch_size * process_count`` so every
   batch is full (one compiled shape) and every process runs the same number of
   batches (no collective hangs); padding rows have ``valid == False`` and must be
@@ -523,12 +525,12 @@ def build_eval_dataset(data_cfg, *, batch_size: int, process_index: int = 0,
   _check_process(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f'batch_size must be > 0, got {batch_size}')
-  source = build_source(data_cfg, 'eval')
+  source = build_source(data_cfg, split)
   num_examples = len(source) if num_examples is None else num_examples
   if not 0 < num_examples <= len(source):
     bound = (f'the {len(source)} examples of {source.path}' if data_cfg.name in REAL_DATASETS
-             else f'data.eval_size={len(source)}')
-    raise ValueError(f'num_examples must be in [1, {bound}], got {num_examples}')
+             else f'data.{split}_size={len(source)}')
+    raise ValueError(f'num_examples must be in [1, {bound}] for the {split} split, got {num_examples}')
   stride = batch_size * process_count
   padded = -(-num_examples // stride) * stride
   ds = grain.MapDataset.range(padded)[process_index::process_count]
