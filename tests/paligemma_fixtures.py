@@ -18,9 +18,11 @@ WORDS = ("the a cat dog red blue green square circle what is where left right ab
          "how many are there shape big small").split()
 
 
-def train_sentencepiece(path: str, *, loc_tokens: bool = True, seed: int = 0) -> str:
+def train_sentencepiece(path: str, *, loc_tokens: bool = True, seed: int = 0,
+                        image_token: bool = False) -> str:
   """A small BPE sentencepiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3),
-  "\\n" as one piece and (optionally) PaliGemma's <locNNNN> / <segNNN> pieces."""
+  "\\n" as one piece and (optionally) PaliGemma's <locNNNN> / <segNNN> pieces and its
+  <image> piece (after them: the other pieces' ids move up by one)."""
   import sentencepiece as spm
 
   rng = random.Random(seed)
@@ -28,6 +30,8 @@ def train_sentencepiece(path: str, *, loc_tokens: bool = True, seed: int = 0) ->
   symbols = ["\n"]
   if loc_tokens:
     symbols += [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+  if image_token:
+    symbols.append("<image>")
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences), model_writer=buf, vocab_size=len(symbols) + 160,

@@ -270,3 +270,162 @@ def test_cli(tmp_path, capsys):
     _main(f"--workdir={tmp_path / 'missing'}", "--format=hf", f"--out={tmp_path / 'x'}")
   with pytest.raises(SystemExit, match="no checkpoint at step 7"):
     _main(f"--workdir={workdir}", "--format=hf", "--step=7", f"--out={tmp_path / 'x'}")
+
+
+# ------------------------------------------------------------------ tokenizer and processor
+
+SENTENCES = ("what colour is the cat", "how many red squares are there\n<loc0012><loc1023> two",
+             "describe the picture", " two  three", "where is the big blue circle?")
+
+
+@pytest.fixture(scope="module")
+def gemma_tok_dir(tmp_path_factory):
+  """A Gemma-style sentencepiece tokenizer with PaliGemma's <image>, alone in a directory."""
+  d = tmp_path_factory.mktemp("gemma_tok")
+  fx.train_sentencepiece(str(d / "tokenizer.model"), image_token=True)
+  return str(d)
+
+
+def _jsonl_run(tmp_path, tokenizer: str):
+  """A tiny exportable run on a jsonl file of PNGs whose data.tokenizer is ``tokenizer`` (the
+  decoder's vocabulary follows it): (config, model_cfg, spec, graphdef, params, workdir)."""
+  data = tmp_path / "data"
+  rows = []
+  for i in range(4):
+    image = fx.write_image(str(data / f"{i}.png"), "rgb", size=(40 + i, 30), seed=i)
+    rows.append({"image": os.path.basename(image), "prefix": "what colour is the cat", "suffix": "red"})
+  (data / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  c = _config()
+  c.model.decoder.vocab_size = 0  # the tokenizer's
+  with c.unlocked():
+    c.data.update(dict(name="jsonl", train_path=str(data / "d.jsonl"), eval_path=str(data / "d.jsonl"),
+                       tokenizer=tokenizer, max_text_len=16))
+  model_cfg, spec = config_lib.validate_config(c)
+  graphdef, params = _params(model_cfg, seed=10)
+  workdir = str(tmp_path / "run")
+  write_checkpoint(c, params, workdir)
+  return c, model_cfg, spec, graphdef, params, workdir
+
+
+def test_hf_export_carries_the_tokenizer(tmp_path, capsys, gemma_tok_dir):
+  """A run on real data exports its Gemma tokenizer and a preprocessor_config.json:
+  AutoTokenizer encodes as our GemmaTokenizer; AutoProcessor lays an image and a prompt out
+  as our pipeline does (pixels, [<image>] x 16 + BOS + prompt + "\\n"), and the exported
+  PaliGemma given the processor's inputs gives our logits."""
+  from PIL import Image
+
+  from parcel_jax.data import gemma_tokenizer, images
+  from parcel_jax.data import tokenizer as tokenizer_lib
+  c, model_cfg, spec, graphdef, params, workdir = _jsonl_run(tmp_path, gemma_tok_dir)
+  out = tmp_path / "hf"
+  _main(f"--workdir={workdir}", "--format=hf", f"--out={out}")
+  printed = capsys.readouterr().out
+  for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+               "preprocessor_config.json"):
+    assert f"{out / name}  " in printed, name
+  assert "5 files" in printed and "no tokenizer written" not in printed
+  assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors", "tokenizer.model",
+                                            "tokenizer_config.json", "preprocessor_config.json"])
+
+  ours = gemma_tokenizer.GemmaTokenizer(gemma_tok_dir)
+  image_id = ours.piece_id("<image>")
+  assert image_id is not None and json.load(open(out / "config.json"))["image_token_index"] == image_id
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+  rng = np.random.default_rng()
+  words = list(rng.choice(fx.WORDS, size=int(rng.integers(3, 12))))
+  for text in (*SENTENCES, " ".join(words)):
+    assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+    assert hf_tok.encode(text + "\n") == tokenizer_lib.prompt_ids(ours, text), text  # BOS, no EOS
+
+  processor = transformers.AutoProcessor.from_pretrained(str(out))
+  assert type(processor).__name__ == "PaliGemmaProcessor" and processor.image_seq_length == 16
+  assert processor.image_token_id == image_id
+  png = fx.write_image(str(tmp_path / "q.png"), "rgb", size=tuple(int(x) for x in rng.integers(20, 60, 2)),
+                       seed=int(rng.integers(1 << 20)))
+  prefix = " ".join(words)
+  inputs = processor(images=Image.open(png), text="<image>" + prefix, return_tensors="pt")
+  prompt = tokenizer_lib.prompt_ids(ours, prefix)
+  assert inputs["input_ids"][0].tolist() == [image_id] * 16 + prompt
+  with open(png, "rb") as f:
+    pixels = images.decode_image(f.read(), model_cfg.vision.image_size)
+  np.testing.assert_allclose(inputs["pixel_values"][0].permute(1, 2, 0).numpy(), pixels, atol=1e-6)
+
+  model = _from_pretrained(str(out))
+  with torch.no_grad():
+    hf_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.numpy()[:, 16:]
+  text = np.asarray([prompt])
+  _, logits = _ours(model_cfg, graphdef, params, spec, pixels[None], text, np.zeros(text.shape, bool))
+  assert_rel_close(logits, hf_logits, PARITY_TOL)
+  print(f"processor -> exported PaliGemma vs ours: logits rel err {_err(logits, hf_logits):.2e}")
+
+
+def test_tokenizer_file_and_directory_sources(tmp_path, gemma_tok_dir):
+  """A lone tokenizer.json file is copied under that name with a tokenizer_config.json
+  written for it; a directory's own tokenizer_config.json is copied as it is and its
+  preprocessor_config.json keeps its other keys, with the exported model's size and visual
+  tokens; a tokenizer larger than the model's vocabulary is refused, nothing written."""
+  from parcel_jax.data import gemma_tokenizer
+  from parcel_jax.weights import hf_processor
+  ours = gemma_tokenizer.GemmaTokenizer(gemma_tok_dir)
+  saved = tmp_path / "saved"
+  transformers.GemmaTokenizer.from_pretrained(gemma_tok_dir).save_pretrained(str(saved))
+  json_file = tmp_path / "gemma.json"
+  os.rename(saved / "tokenizer.json", json_file)
+  c = _config()
+  c.model.decoder.vocab_size = gemma_tokenizer.GemmaTokenizer(str(json_file)).vocab_size  # + <mask>
+  model_cfg, _ = config_lib.validate_config(c)
+  _, params = _params(model_cfg, seed=11, scaled=False)
+
+  out = tmp_path / "from_file"
+  written = weights.export(params, model_cfg, "hf", str(out), tokenizer=str(json_file))
+  assert [os.path.basename(w.path) for w in written] == [
+      "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+      "preprocessor_config.json"]
+  assert all(w.bytes == os.path.getsize(w.path) for w in written)
+  assert json.load(open(out / "tokenizer_config.json"))["bos_token"] == "<bos>"
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  for text in SENTENCES:
+    assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+  pre = json.load(open(out / "preprocessor_config.json"))
+  assert pre["size"] == {"height": 28, "width": 28} and pre["image_seq_length"] == 16
+  assert pre["image_mean"] == pre["image_std"] == [0.5] * 3
+
+  source = tmp_path / "ckpt_dir"
+  source.mkdir()
+  for name in ("tokenizer.model", "tokenizer_config.json"):
+    src = os.path.join(gemma_tok_dir, name) if name == "tokenizer.model" else saved / name
+    (source / name).write_bytes(open(src, "rb").read())
+  (source / "preprocessor_config.json").write_text(json.dumps(
+      {"size": {"height": 224, "width": 224}, "image_seq_length": 256, "resample": 3, "note": "kept"}))
+  out2 = tmp_path / "from_dir"
+  written = hf_processor.export_processor(str(source), str(out2), image_size=28, image_seq_length=16)
+  assert [os.path.basename(w.path) for w in written] == ["tokenizer.model", "tokenizer_config.json",
+                                                         "preprocessor_config.json"]
+  assert (out2 / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
+  pre = json.load(open(out2 / "preprocessor_config.json"))
+  assert pre["note"] == "kept" and pre["size"] == {"height": 28, "width": 28}
+  assert pre["image_seq_length"] == 16 and pre["resample"] == hf_processor.PIL_BILINEAR
+
+  small = _config()  # vocab 300 < the tokenizer's
+  small_cfg, _ = config_lib.validate_config(small)
+  _, small_params = _params(small_cfg, seed=12, scaled=False)
+  with pytest.raises(ValueError, match=rf"data.tokenizer=.*has {ours.vocab_size} tokens, more than "
+                                       r"the model's decoder.vocab_size=300"):
+    weights.export(small_params, small_cfg, "hf", str(tmp_path / "refused"), tokenizer=gemma_tok_dir)
+  assert not os.path.exists(tmp_path / "refused")
+
+
+def test_synthetic_run_exports_no_tokenizer(tmp_path, capsys):
+  """The synthetic word list is no Gemma vocabulary: the hf export writes the weights only,
+  and says why."""
+  c = _config()
+  c.model.vision.image_size, c.model.vision.patch_size = 32, 8  # synthetic images: multiples of 16
+  model_cfg, _ = config_lib.validate_config(c)
+  _, params = _params(model_cfg, seed=13, scaled=False)
+  workdir = str(tmp_path / "run")
+  write_checkpoint(c, params, workdir)
+  _main(f"--workdir={workdir}", "--format=hf", f"--out={tmp_path / 'hf'}")
+  printed = capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+  assert "no tokenizer written: data.name='synthetic'" in printed and "2 files" in printed

@@ -4,7 +4,8 @@ Loads ``tokenizer.model`` (sentencepiece) or, failing that, ``tokenizer.json`` (
 ``tokenizers`` library) from a checkpoint directory, or either file directly. Both give
 the same ids for the same checkpoint. The path may be local or a cloud URI (gs://, s3://:
 ``parcel_jax.paths``; the file is read into memory). Special ids are looked up by piece
-(``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``; Gemma: 0, 1, 2, 3).
+(``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``; Gemma: 0, 1, 2, 3); ``special_pieces`` names the
+pieces found.
 
 PaliGemma's text layout (big_vision / the HF processor), length ``max_len``::
 
@@ -74,13 +75,15 @@ class GemmaTokenizer:
       self._piece_to_id = lambda p: (None if self._sp.piece_to_id(p) == unk and p != self._sp.id_to_piece(unk)
                                      else self._sp.piece_to_id(p))
       self.vocab_size = self._sp.vocab_size()
-    ids = {}
+    ids, self.special_pieces = {}, {}
     for name, pieces in (("pad", ("<pad>",)), ("eos", ("<eos>", "</s>")), ("bos", ("<bos>", "<s>")),
                          ("unk", ("<unk>",))):
-      found = next((self._piece_to_id(p) for p in pieces if self._piece_to_id(p) is not None), None)
-      if found is None and name != "unk":
+      piece = next((p for p in pieces if self._piece_to_id(p) is not None), None)
+      if piece is None and name != "unk":
         raise ValueError(f"{self.path}: the vocabulary has no {name} token (tried {', '.join(pieces)})")
-      ids[name] = found
+      ids[name] = None if piece is None else self._piece_to_id(piece)
+      if piece is not None:
+        self.special_pieces[name] = piece
     self.pad_id, self.eos_id, self.bos_id, self.unk_id = ids["pad"], ids["eos"], ids["bos"], ids["unk"]
     self.sep_ids = tuple(self.encode("\n"))
     if not self.sep_ids:
@@ -91,6 +94,10 @@ class GemmaTokenizer:
   def _range(self, fmt: str, n: int) -> np.ndarray | None:
     ids = [self._piece_to_id(fmt.format(i)) for i in range(n)]
     return None if any(i is None for i in ids) else np.asarray(ids, np.int32)
+
+  def piece_id(self, piece: str) -> int | None:
+    """The id of a whole vocabulary piece (e.g. ``<image>``), None if the vocabulary lacks it."""
+    return self._piece_to_id(piece)
 
   def __getstate__(self):
     return {"path": self.path}

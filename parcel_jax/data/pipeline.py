@@ -268,14 +268,21 @@ def _real_source(data_cfg, split: str) -> ExampleSource:
   return ExampleSource(raw, data_cfg.image_size, data_cfg.get('max_frames', 1))
 
 
+def gemma_tokenizer_path(data_cfg) -> str:
+  """``data.tokenizer`` when the data is laid out with that Gemma tokenizer (real data); ''
+  for synthetic data, whose word list is no Gemma vocabulary (``data.tokenizer`` unused)."""
+  return _get(data_cfg, 'tokenizer') if data_cfg.name in REAL_DATASETS else ''
+
+
 def build_tokenizer(data_cfg):
   """The data's tokenizer: the synthetic word list, or the Gemma tokenizer of ``data.tokenizer``."""
   if data_cfg.name in REAL_DATASETS:
-    if not _get(data_cfg, 'tokenizer'):
+    path = gemma_tokenizer_path(data_cfg)
+    if not path:
       raise ValueError(f'data.tokenizer must name a Gemma tokenizer (checkpoint directory, '
                        f'tokenizer.model or tokenizer.json) for data.name={data_cfg.name!r}')
-    paths.check_access(_get(data_cfg, 'tokenizer'), 'data.tokenizer')
-    return gemma_tokenizer.GemmaTokenizer(_get(data_cfg, 'tokenizer'))
+    paths.check_access(path, 'data.tokenizer')
+    return gemma_tokenizer.GemmaTokenizer(path)
   return tokenizer_lib.synthetic_tokenizer(data_cfg.families)
 
 

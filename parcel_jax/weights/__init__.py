@@ -13,7 +13,9 @@ Nothing is ever downloaded: paths come from the config.
 
 ``export`` writes a model back out (``python -m parcel_jax.export``): format 'hf' is a
 PaliGemma directory (``hf.export_hf``) plus, for parcel / m3 / mqt, the connector file
-(``connector.export_connector``); 'big_vision' one npz (``big_vision.export_npz``).
+(``connector.export_connector``) and, for a run with a Gemma tokenizer, the tokenizer and
+image processor files (``hf_processor.export_processor``); 'big_vision' one npz
+(``big_vision.export_npz``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 
 from absl import logging
 
-from parcel_jax.weights import big_vision, common, connector, hf  # noqa: F401
+from parcel_jax.weights import big_vision, common, connector, hf, hf_processor  # noqa: F401
 from parcel_jax.weights.common import WeightsError, Written  # noqa: F401
 
 FORMATS = ("hf", "big_vision")
@@ -77,23 +79,33 @@ def load_init_params(config, params, model_cfg):
 
 
 def export(params, model_cfg, fmt: str, out_dir: str, *, run_connector_config=None,
-           image_token_index: int | None = None, allow=(), max_shard_bytes: int = 0
-           ) -> list[Written]:
+           image_token_index: int | None = None, allow=(), max_shard_bytes: int = 0,
+           tokenizer: str = "") -> list[Written]:
   """Writes ``params`` of a ``model_cfg`` model to ``out_dir`` in format ``fmt``.
 
-  'hf': ``hf.export_hf`` (config.json, model.safetensors or shards) and, when the model
-  has a connector, ``connector.export_connector`` (connector.safetensors, connector.json
-  with ``run_connector_config`` = the run's model.connector section). 'big_vision':
-  ``out_dir/params.npz`` (``big_vision.export_npz``, connector included).
-  Returns the files written.
+  'hf': ``hf.export_hf`` (config.json, model.safetensors or shards), when the model has a
+  connector ``connector.export_connector`` (connector.safetensors, connector.json with
+  ``run_connector_config`` = the run's model.connector section), and with ``tokenizer`` (the
+  run's Gemma ``data.tokenizer``; '' for none) ``hf_processor.export_processor``: its files
+  and a preprocessor_config.json. ``image_token_index`` None: the tokenizer's ``<image>``
+  when it has one, else ``hf.default_image_token``. 'big_vision': ``out_dir/params.npz``
+  (``big_vision.export_npz``, connector included; no tokenizer). Returns the files written.
   """
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
   if fmt == "hf":
+    gemma = hf_processor.open_tokenizer(tokenizer, model_cfg.decoder.vocab_size) if tokenizer else None
+    if gemma is not None and image_token_index is None:
+      image_token_index = gemma.piece_id(hf_processor.IMAGE_TOKEN)
     written = hf.export_hf(params, model_cfg, out_dir, image_token_index=image_token_index,
                            allow=allow, max_shard_bytes=max_shard_bytes)
-    return written + connector.export_connector(params, model_cfg, out_dir,
-                                                run_connector_config=run_connector_config)
+    written += connector.export_connector(params, model_cfg, out_dir,
+                                          run_connector_config=run_connector_config)
+    if gemma is not None:
+      written += hf_processor.export_processor(tokenizer, out_dir, tokenizer=gemma,
+                                               image_size=model_cfg.vision.image_size,
+                                               image_seq_length=model_cfg.vision.grid_size ** 2)
+    return written
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, NPZ_FILE)
   shapes = big_vision.export_npz(params, model_cfg, path)
