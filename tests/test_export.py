@@ -74,6 +74,16 @@ def _params(model_cfg, seed=0, scaled=True):
   return graphdef, common.unflatten_like(template, flat)
 
 
+def _checkpointed_run(c, tmp_path, seed, scaled=True):
+  """``c``'s model with ``_params(seed, scaled)`` written as a trained run in ``tmp_path/run``:
+  (model_cfg, spec, graphdef, params, workdir)."""
+  model_cfg, spec = config_lib.validate_config(c)
+  graphdef, params = _params(model_cfg, seed=seed, scaled=scaled)
+  workdir = str(tmp_path / "run")
+  write_checkpoint(c, params, workdir)
+  return model_cfg, spec, graphdef, params, workdir
+
+
 def _err(a, b):
   return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
@@ -246,10 +256,7 @@ def test_cli(tmp_path, capsys):
   c = _config(method="parcel")
   c.model.vision.image_size, c.model.vision.patch_size = 64, 8  # 16k px (synthetic data), grid 8
   c.model.vision.center_input, c.model.decoder.prefix_token_shift = True, 2  # big_vision holds both
-  model_cfg, _ = config_lib.validate_config(c)
-  _, params = _params(model_cfg, seed=8, scaled=False)
-  workdir = str(tmp_path / "run")
-  write_checkpoint(c, params, workdir)
+  model_cfg, _, _, params, workdir = _checkpointed_run(c, tmp_path, seed=8, scaled=False)
 
   _main(f"--workdir={workdir}", "--format=big_vision", f"--out={tmp_path / 'bv'}")
   out = capsys.readouterr().out
@@ -300,11 +307,7 @@ def _jsonl_run(tmp_path, tokenizer: str):
   with c.unlocked():
     c.data.update(dict(name="jsonl", train_path=str(data / "d.jsonl"), eval_path=str(data / "d.jsonl"),
                        tokenizer=tokenizer, max_text_len=16))
-  model_cfg, spec = config_lib.validate_config(c)
-  graphdef, params = _params(model_cfg, seed=10)
-  workdir = str(tmp_path / "run")
-  write_checkpoint(c, params, workdir)
-  return c, model_cfg, spec, graphdef, params, workdir
+  return (c, *_checkpointed_run(c, tmp_path, seed=10))
 
 
 def test_hf_export_carries_the_tokenizer(tmp_path, capsys, gemma_tok_dir):
@@ -421,10 +424,7 @@ def test_synthetic_run_exports_no_tokenizer(tmp_path, capsys):
   and says why."""
   c = _config()
   c.model.vision.image_size, c.model.vision.patch_size = 32, 8  # synthetic images: multiples of 16
-  model_cfg, _ = config_lib.validate_config(c)
-  _, params = _params(model_cfg, seed=13, scaled=False)
-  workdir = str(tmp_path / "run")
-  write_checkpoint(c, params, workdir)
+  _, _, _, _, workdir = _checkpointed_run(c, tmp_path, seed=13, scaled=False)
   _main(f"--workdir={workdir}", "--format=hf", f"--out={tmp_path / 'hf'}")
   printed = capsys.readouterr().out
   assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
