@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"       # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.frame_posemb = "none"   # frames (data.max_frames > 1): none (PaliGemma) | sincos: a fixed
+                                  # code of each frame's rank on its visual tokens (models/vlm.py)
 
   c.model.vision = ml_collections.ConfigDict()      # SigLIP-style ViT (models/vit.py)
   c.model.vision.variant = "tiny"  # size preset (models/vit.py PRESETS: tiny | so400m_14): fills the

@@ -73,6 +73,8 @@ def abstract_train_state(state: dict) -> dict:
 
 # Fields that change neither the parameters nor the function a model computes.
 LAYOUT_ONLY_FIELDS = ("remat", "variant", "dtype")
+# Model fields a checkpoint's config may predate, with the value that means "absent".
+ABSENT_MEANS = {"frame_posemb": "none"}
 
 
 def model_field_diffs(saved: dict, current: dict, path: str = "model",
@@ -81,7 +83,7 @@ def model_field_diffs(saved: dict, current: dict, path: str = "model",
   lists compare by value; ``LAYOUT_ONLY_FIELDS`` are ignored), as 'path.key: <label> x, <label> y'."""
   diffs = []
   for key in sorted(set(saved) | set(current)):
-    x, y = saved.get(key), current.get(key)
+    x, y = saved.get(key, ABSENT_MEANS.get(key)), current.get(key, ABSENT_MEANS.get(key))
     if isinstance(x, dict) and isinstance(y, dict):
       diffs += model_field_diffs(x, y, f"{path}.{key}", labels)
     elif key not in LAYOUT_ONLY_FIELDS and x != y and not (

@@ -235,6 +235,10 @@ def test_refuses_what_hf_cannot_express(tmp_path):
   g1.model.vision.attn_window = 2
   g1_cfg, _ = config_lib.validate_config(g1)
   assert [p.split("=")[0] for p in hf.unrepresentable(g1_cfg)] == ["vision.attn_window", "decoder.attn_softcap"]
+  g1.model.frame_posemb = "sincos"
+  g1_cfg, _ = config_lib.validate_config(g1)
+  assert [p.split("=")[0] for p in hf.unrepresentable(g1_cfg)] == [
+      "frame_posemb", "vision.attn_window", "decoder.attn_softcap"]
   with pytest.raises(ValueError, match="image_token_index=-1 must be >= 0"):
     hf.hf_config(_cfg(_config()), image_token_index=-1)
 

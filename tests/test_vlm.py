@@ -16,14 +16,14 @@ from tests.util import assert_rel_close
 GRID = 16
 
 
-def tiny_model_config(method, **connector_kw):
+def tiny_model_config(method, frame_posemb="none", **connector_kw):
   vision = vit.ViTConfig(image_size=32, patch_size=2, width=32, depth=1, mlp_dim=64, num_heads=2)
   connector = connectors.ConnectorConfig(method=method, width=32, grid_size=GRID, num_heads=2,
                                          mlp_dim=64, **connector_kw)
   decoder = gemma.DecoderConfig(vocab_size=50, width=32, depth=2, mlp_dim=64, num_heads=2,
                                 num_kv_heads=1, head_dim=16, post_norms=True, attn_softcap=50.0,
                                 final_softcap=30.0, sliding_window=40, local_global=True)
-  return vlm.ModelConfig(vision, connector, decoder)
+  return vlm.ModelConfig(vision, connector, decoder, frame_posemb)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
@@ -106,12 +106,14 @@ def _frame_logits(graphdef, params, frames, text, text_mask, budgets, frame_mask
                budgets=budgets, frame_mask=frame_mask)
 
 
-@pytest.mark.parametrize("method", ["parcel", "m3"])
-def test_padded_frames_equal_the_real_frames_alone(method):
+@pytest.mark.parametrize("method,frame_posemb", [("parcel", "none"), ("m3", "none"), ("parcel", "sincos")])
+def test_padded_frames_equal_the_real_frames_alone(method, frame_posemb):
   """A batch with missing frames (frame_mask False) at a padded bucket gives, on every valid
-  text position, the logits of each example run alone with only its real frames, compact."""
+  text position, the logits of each example run alone with only its real frames, compact
+  (with frame codes: a real frame's code is its rank among the real frames)."""
   rng = np.random.default_rng()
-  model = vlm.VLM(tiny_model_config(method), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  model = vlm.VLM(tiny_model_config(method, frame_posemb),
+                  rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   graphdef, params = nnx.split(model)
   spec = B.BudgetSpec.from_config(ml_collections.ConfigDict(dict(
       method=method, routing="piecewise", bank_size=0, budgets=(), query_bucket=64)), GRID)
@@ -154,9 +156,11 @@ def test_frame_tokens_are_each_frames_tokens_in_order():
   np.testing.assert_array_equal(np.asarray(mask).sum(1), np.asarray(budgets) * [2, 3])
 
 
-def test_one_frame_is_the_single_image_and_frame_order_matters():
+@pytest.mark.parametrize("frame_posemb", ["none", "sincos"])
+def test_one_frame_is_the_single_image_and_frame_order_matters(frame_posemb):
   rng = np.random.default_rng()
-  model = vlm.VLM(tiny_model_config("parcel"), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  model = vlm.VLM(tiny_model_config("parcel", frame_posemb),
+                  rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   graphdef, params = nnx.split(model)
   images, text, text_mask = random_inputs(rng)
   vec, bucket = jnp.full((2,), 100, jnp.int32), B.Bucket(8, 36)
@@ -168,3 +172,50 @@ def test_one_frame_is_the_single_image_and_frame_order_matters():
   forward = _frame_logits(graphdef, params, frames, text, text_mask, vec, None, bucket)
   reverse = _frame_logits(graphdef, params, frames[:, ::-1], text, text_mask, vec, None, bucket)
   assert np.abs(np.asarray(forward) - np.asarray(reverse))[valid].max() > 1e-4
+
+
+def test_frame_codes_name_each_real_frame_by_its_rank():
+  """frame_posemb='sincos': frame i's tokens are its single-image tokens plus code(rank) -
+  code(0), rank = its place among the example's real frames; the same image repeated gives
+  the same tokens in every frame without codes and different ones with them."""
+  rng = np.random.default_rng()
+  seed = int(rng.integers(1 << 30))
+  plain = vlm.VLM(tiny_model_config("parcel"), rngs=nnx.Rngs(seed))
+  coded = vlm.VLM(tiny_model_config("parcel", "sincos"), rngs=nnx.Rngs(seed))
+  t, bucket = 4, B.Bucket(8, 64)
+  image = jnp.asarray(rng.uniform(-1, 1, size=(2, 1, 32, 32, 3)), jnp.float32)
+  frames = jnp.repeat(image, t, axis=1)                    # one image, four times
+  budgets = jnp.asarray(rng.choice([66, 80, 128], size=2), jnp.int32)
+  frame_mask = jnp.asarray([[True, False, True, True], [True, True, True, True]])
+  slots, width = bucket.num_slots, 32
+  features = plain.encode_images(frames)
+  base_tokens, _ = plain.visual_tokens(features, bucket, budgets, frame_mask)
+  tokens, _ = coded.visual_tokens(features, bucket, budgets, frame_mask)
+  base_tokens = np.asarray(base_tokens).reshape(2, t, slots, width)
+  tokens = np.asarray(tokens).reshape(2, t, slots, width)
+  for i in range(1, t):   # without codes every frame of a repeated image is the same
+    np.testing.assert_allclose(base_tokens[:, i], base_tokens[:, 0], atol=1e-6)
+  ranks = np.asarray([[0, 0, 1, 2], [0, 1, 2, 3]])
+  angle = np.arange(t)[:, None] / 10_000.0 ** (np.arange(width // 2) / (width // 2 - 1))
+  table = np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+  table = table - table[0]
+  for row in range(2):
+    for i in range(t):
+      np.testing.assert_allclose(tokens[row, i] - base_tokens[row, i],
+                                 np.broadcast_to(table[ranks[row, i]], (slots, width)), atol=1e-5)
+  np.testing.assert_allclose(tokens[:, 0], base_tokens[:, 0], atol=0)   # the first frame: unchanged
+  assert np.abs(tokens[1, 1] - tokens[1, 0]).max() > 0.1
+  with pytest.raises(ValueError, match="model.frame_posemb='learned' is unknown"):
+    tiny_model_config("parcel", "learned")
+
+
+def test_a_saved_config_without_frame_posemb_is_the_same_model():
+  """A checkpoint written before model.frame_posemb existed resumes as frame_posemb='none'."""
+  from configs import base
+  from parcel_jax import state
+  current = base.get_config().model.to_dict()
+  saved = {k: v for k, v in current.items() if k != "frame_posemb"}
+  assert state.model_field_diffs(saved, current) == []
+  current["frame_posemb"] = "sincos"
+  assert state.model_field_diffs(saved, current) == [
+      "model.frame_posemb: checkpoint 'none', config 'sincos'"]

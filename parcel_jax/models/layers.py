@@ -267,6 +267,16 @@ def sincos_2d(grid: int, width: int, *, frame: int | None = None,
   return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
 
 
+def sincos_1d(positions: Array, width: int, *, temperature: float = 10_000.0) -> Array:
+  """Fixed sin-cos codes of integer ``positions`` (any shape): positions.shape + (width,)."""
+  if width % 2:
+    raise ValueError(f"sincos_1d needs an even width, got {width}")
+  half = width // 2
+  omega = 1.0 / temperature ** (jnp.arange(half) / max(half - 1, 1))
+  angle = jnp.asarray(positions, jnp.float32)[..., None] * omega
+  return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+
+
 def num_params(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 

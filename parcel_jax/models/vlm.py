@@ -13,6 +13,12 @@ Several frames (video, or several images) per example: images (b, T, H, W, 3) wi
 example's budget (folded into the batch, (b*T, ...)), and the frames' tokens are concatenated
 in frame order, ``[frame 0 (slots); ...; frame T-1 (slots); text]``. A missing frame's slots
 are masked, so a padded example equals the same example with only its real frames.
+
+``frame_posemb='sincos'`` (default 'none', as PaliGemma) adds a fixed code of each frame's
+rank among the example's real frames to its visual tokens, zero for the first: a single
+image is frame 0 unchanged. Without it the decoder can tell frames apart only by their
+distance in the sequence, which is the per-frame budget times the frame index: with
+stochastic budgets that distance does not name a frame.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from parcel_jax.models import connectors, gemma, layers, vit
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+FRAME_POSEMBS = ("none", "sincos")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,12 @@ class ModelConfig:
   vision: vit.ViTConfig
   connector: connectors.ConnectorConfig
   decoder: gemma.DecoderConfig
+  frame_posemb: str = "none"  # none | sincos: a code of each frame's rank on its visual tokens
+
+  def __post_init__(self):
+    if self.frame_posemb not in FRAME_POSEMBS:
+      raise ValueError(f"model.frame_posemb={self.frame_posemb!r} is unknown; allowed: "
+                       f"{', '.join(FRAME_POSEMBS)}")
 
 
 # Config keys of model sections that are read elsewhere, not by the module dataclasses:
@@ -103,15 +116,16 @@ def model_config(model_cfg) -> ModelConfig:
   """ModelConfig from ``config.model`` (a ConfigDict); ``dtype`` there is the compute dtype."""
   dtype = model_cfg.get("dtype", "float32")
   common = dict(dtype=None if dtype == "float32" else DTYPES[dtype])
-  unknown = sorted(set(model_cfg.keys()) - {"dtype", "vision", "connector", "decoder"})
+  unknown = sorted(set(model_cfg.keys()) - {"dtype", "vision", "connector", "decoder", "frame_posemb"})
   if unknown:
-    raise ValueError(f"model.{unknown[0]} is unknown; allowed: dtype, vision, connector, decoder")
+    raise ValueError(f"model.{unknown[0]} is unknown; allowed: dtype, vision, connector, decoder, "
+                     "frame_posemb")
   vision = _dataclass_from(vit.ViTConfig, model_cfg.vision, "vision", **common)
   grid = vision.image_size // vision.patch_size
   connector = _dataclass_from(connectors.ConnectorConfig, model_cfg.connector, "connector",
                               width=vision.width, grid_size=grid, **common)
   decoder = _dataclass_from(gemma.DecoderConfig, model_cfg.decoder, "decoder", **common)
-  return ModelConfig(vision, connector, decoder)
+  return ModelConfig(vision, connector, decoder, model_cfg.get("frame_posemb", "none"))
 
 
 class VLM(nnx.Module):
@@ -162,6 +176,9 @@ class VLM(nnx.Module):
       mask = mask.reshape(b, t, bucket.num_slots)
       if frame_mask is not None:
         mask = mask & frame_mask.astype(bool)[:, :, None]
+      tokens = tokens.reshape(b, t, bucket.num_slots, -1)
+      if self.cfg.frame_posemb == "sincos":
+        tokens = tokens + self.frame_codes(frame_mask, b, t, tokens.shape[-1]).astype(tokens.dtype)
       tokens = sharding.constrain(tokens.reshape(b, t * bucket.num_slots, -1), layers.BTD)
       return tokens, mask.reshape(b, t * bucket.num_slots)
     if frame_mask is not None:
@@ -170,6 +187,16 @@ class VLM(nnx.Module):
     chex.assert_shape(tokens, (features.shape[0], bucket.num_slots, self.cfg.vision.width))
     tokens = sharding.constrain(tokens, layers.BTD)
     return sharding.constrain(self.projection(tokens), layers.BTD), mask
+
+  @staticmethod
+  def frame_codes(frame_mask: Array | None, b: int, t: int, width: int) -> Array:
+    """(b, T, 1, width): the sin-cos code of each frame's rank among its example's real frames
+    (``frame_mask`` (b, T), None = all real) minus the code of rank 0, so the first frame's is 0
+    and a padded example's real frames get the codes they have alone."""
+    rank = (jnp.broadcast_to(jnp.arange(t), (b, t)) if frame_mask is None
+            else jnp.cumsum(frame_mask.astype(jnp.int32), axis=1) - 1)
+    codes = layers.sincos_1d(rank, width) - layers.sincos_1d(jnp.zeros((), jnp.int32), width)
+    return codes[:, :, None, :]
 
   def decoder_inputs(self, features: Array, text: Array, text_mask: Array, *, bucket: Bucket,
                      budgets: Array, ar_mask: Array | None = None,

@@ -371,6 +371,8 @@ def unrepresentable(model_cfg, allow=()) -> list[str]:
     raise ValueError(f"allow={bad[0]!r} is unknown; allowed: {', '.join(ALLOWABLE)}")
   v, d = model_cfg.vision, model_cfg.decoder
   out = []
+  if model_cfg.frame_posemb != "none":
+    out.append(f"frame_posemb={model_cfg.frame_posemb!r}: HF PaliGemma adds no code to a frame's tokens")
   if v.center_input:
     out.append("vision.center_input=True: HF SigLIP does not subtract each image's mean colour")
   if v.attn_window and v.global_blocks < v.depth:
