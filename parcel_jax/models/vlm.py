@@ -18,7 +18,7 @@ are masked, so a padded example equals the same example with only its real frame
 rank among the example's real frames to its visual tokens, zero for the first: a single
 image is frame 0 unchanged. Without it the decoder can tell frames apart only by their
 distance in the sequence, which is the per-frame budget times the frame index: with
-stochastic budgets that distance does not name a frame.
+stochastic budgets one distance means different frames at different budgets.
 """
 
 from __future__ import annotations
