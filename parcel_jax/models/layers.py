@@ -260,15 +260,13 @@ def sincos_2d(grid: int, width: int, *, frame: int | None = None,
   frame = frame or grid
   centres = (jnp.arange(grid) + 0.5) * (frame / grid) - 0.5
   y, x = jnp.meshgrid(centres, centres, indexing="ij")
-  quarter = width // 4
-  omega = 1.0 / temperature ** (jnp.arange(quarter) / max(quarter - 1, 1))
-  y = y.reshape(-1)[:, None] * omega
-  x = x.reshape(-1)[:, None] * omega
-  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return jnp.concatenate([sincos_1d(x.reshape(-1), width // 2, temperature=temperature),
+                          sincos_1d(y.reshape(-1), width // 2, temperature=temperature)], axis=1)
 
 
 def sincos_1d(positions: Array, width: int, *, temperature: float = 10_000.0) -> Array:
-  """Fixed sin-cos codes of integer ``positions`` (any shape): positions.shape + (width,)."""
+  """Fixed sin-cos codes of ``positions`` (any shape; frame ranks, or grid coordinates for
+  ``sincos_2d``): positions.shape + (width,), the sines then the cosines."""
   if width % 2:
     raise ValueError(f"sincos_1d needs an even width, got {width}")
   half = width // 2

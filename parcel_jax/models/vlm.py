@@ -116,10 +116,10 @@ def model_config(model_cfg) -> ModelConfig:
   """ModelConfig from ``config.model`` (a ConfigDict); ``dtype`` there is the compute dtype."""
   dtype = model_cfg.get("dtype", "float32")
   common = dict(dtype=None if dtype == "float32" else DTYPES[dtype])
-  unknown = sorted(set(model_cfg.keys()) - {"dtype", "vision", "connector", "decoder", "frame_posemb"})
+  allowed = ("dtype", "vision", "connector", "decoder", "frame_posemb")
+  unknown = sorted(set(model_cfg.keys()) - set(allowed))
   if unknown:
-    raise ValueError(f"model.{unknown[0]} is unknown; allowed: dtype, vision, connector, decoder, "
-                     "frame_posemb")
+    raise ValueError(f"model.{unknown[0]} is unknown; allowed: {', '.join(allowed)}")
   vision = _dataclass_from(vit.ViTConfig, model_cfg.vision, "vision", **common)
   grid = vision.image_size // vision.patch_size
   connector = _dataclass_from(connectors.ConnectorConfig, model_cfg.connector, "connector",
