@@ -274,5 +274,7 @@ def test_a_masked_padded_frame_changes_nothing(frames_run):
     print(f"B={budget}: |log answer_prob| vs the real frames only: max {agreement.max():.1e}; "
           f"change when the padded frames count: min {change.min():.2e}, "
           f"median {np.median(change):.2e}, max {change.max():.2e}")
-    # Every example has a padded frame: each moves far beyond the agreement above.
-    assert change.min() > 10 * agreement.max() and np.median(change) > 1e-2
+    # Every example has a padded frame: each moves far beyond the agreement above. How far is
+    # a property of the random model (over 9 model seeds: smallest change 1.7e-4, median
+    # 9e-3 to 9e-2, agreement at most 2e-6), so the bounds sit well below those.
+    assert change.min() > 10 * agreement.max() and np.median(change) > 1e-3
