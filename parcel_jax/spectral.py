@@ -147,6 +147,25 @@ def query_footprint_spectrum(attn: np.ndarray, grid: np.ndarray, chunk: int = 32
   return radial_profile(total / attn.shape[0])
 
 
+def query_focus(attn: np.ndarray) -> dict[str, float]:
+  """How sharply, and how differently, Q queries look at a source grid of S tokens.
+
+  attn: (Q, S) head-averaged post-softmax attention (rows sum to 1). Returns
+    peak      mean over queries of the largest weight (1/S: uniform; 1: one source token);
+    sources   mean over queries of exp(entropy), the effective number of tokens each reads;
+    distinct  how many different source tokens are some query's argmax (1 when every query
+              looks at the same place: the bank has collapsed; up to min(Q, S)).
+  A query bank that fetches fine detail reads few tokens each (high peak, low sources) and
+  spreads its argmaxes over the detail (high distinct).
+  """
+  attn = np.asarray(attn, np.float64)
+  if attn.ndim != 2 or attn.shape[0] == 0:
+    raise ValueError(f"query attention must be (queries > 0, sources), got {attn.shape}")
+  entropy = -np.sum(attn * np.log(np.maximum(attn, EPS)), axis=1)
+  return {"peak": float(attn.max(axis=1).mean()), "sources": float(np.exp(entropy).mean()),
+          "distinct": float(len(np.unique(attn.argmax(axis=1))))}
+
+
 def pool_grid(grid: np.ndarray, out: int) -> np.ndarray:
   """(H, W, C) -> (out, out, C) average pooling with kernel (H/out, W/out); never upsamples."""
   grid = np.asarray(grid)
@@ -196,7 +215,8 @@ def analyse_run(run, budget: int, *, num_images: int = 64, batch_size: int = 32)
 
   Returns ``{label: {"tokens", "grid", "radius", "nyquist_fraction", "profile", "curve",
   "mean_profile"}}`` (``concentration_curve`` outputs as lists); labels name the ViT grid,
-  the budget's anchors, each M3-style grid and, when B has queries, the query footprints.
+  the budget's anchors, each M3-style grid and, when B has queries, the query footprints
+  (whose entry also holds ``"focus"``: ``query_focus`` averaged over the images).
   """
   import functools
 
@@ -231,6 +251,7 @@ def analyse_run(run, budget: int, *, num_images: int = 64, batch_size: int = 32)
     labels["queries"] = (f"{run.method} queries x{num_queries} (B={budget})", num_queries,
                          f"attention over {g}x{g}")
   profiles = {k: [] for k in labels}
+  focus = []
   for start in range(0, num_images, batch_size):
     images = np.stack([source[i]["image"] for i in range(start, min(start + batch_size, num_images))])
     features = evaluation.encode_images(run.graphdef, run.params, jnp.asarray(images))
@@ -247,10 +268,13 @@ def analyse_run(run, budget: int, *, num_images: int = 64, batch_size: int = 32)
         profiles[f"m3_{s}"].append(grid_profile(pool_grid(grid, s)))
       if attn is not None:
         profiles["queries"].append(query_footprint_spectrum(attn[i, :num_queries], grid))
+        focus.append(query_focus(attn[i, :num_queries]))
   curves = {}
   for key, (label, tokens, grid_desc) in labels.items():
     c = concentration_curve(profiles[key])
     curves[label] = {"tokens": tokens, "grid": grid_desc, **{k: v.tolist() for k, v in c.items()}}
+    if key == "queries":  # per-image query_focus, averaged over the images
+      curves[label]["focus"] = {k: float(np.mean([f[k] for f in focus])) for k in focus[0]}
   return curves
 
 
@@ -301,6 +325,10 @@ def format_summary(report: dict) -> str:
     s = report["summary"][label]
     lines.append(f"{label[:40]:<40} {c['tokens']:>5} {len(c['curve']):>5} "
                  f"{s['first_ring']:>7.3f} {s['mean_cumulative']:>9.3f}")
+    if "focus" in c:
+      f = c["focus"]
+      lines.append(f"  query focus: peak weight {f['peak']:.3f}, effective sources {f['sources']:.1f}, "
+                   f"distinct argmax tokens {f['distinct']:.1f} (of {c['tokens']} queries)")
   return "\n".join(lines)
 
 

@@ -127,6 +127,34 @@ def test_footprint_rejects_mismatched_grid():
     spectral.query_footprint_spectrum(np.ones((2, 63)), np.ones((8, 8, 1)))
 
 
+def test_query_focus_of_distinct_one_hot_queries():
+  rng = np.random.default_rng()
+  sources = rng.permutation(64)[:5]           # five queries, each on its own token
+  attn = np.zeros((5, 64))
+  attn[np.arange(5), sources] = 1.0
+  assert spectral.query_focus(attn) == pytest.approx({"peak": 1.0, "sources": 1.0, "distinct": 5.0})
+
+
+def test_query_focus_of_a_collapsed_bank():
+  # Every query reads the same k tokens evenly: peak 1/k, k effective sources, one argmax.
+  rng = np.random.default_rng()
+  k = int(rng.integers(2, 16))
+  attn = np.zeros((7, 64))
+  attn[:, rng.permutation(64)[:k]] = 1 / k
+  assert spectral.query_focus(attn) == pytest.approx({"peak": 1 / k, "sources": k, "distinct": 1.0})
+
+
+def test_query_focus_of_uniform_and_random_attention():
+  assert spectral.query_focus(np.full((3, 64), 1 / 64)) == pytest.approx(
+      {"peak": 1 / 64, "sources": 64.0, "distinct": 1.0})
+  logits = np.random.default_rng().normal(size=(9, 64)) * 3
+  attn = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  got = spectral.query_focus(attn)
+  assert 1 / 64 < got["peak"] < 1 and 1 < got["sources"] < 64 and 1 <= got["distinct"] <= 9
+  with pytest.raises(ValueError, match="queries > 0"):
+    spectral.query_focus(np.ones((0, 64)))
+
+
 def test_pool_grid():
   grid = np.arange(16 * 16 * 2, dtype=np.float64).reshape(16, 16, 2)
   pooled = spectral.pool_grid(grid, 4)

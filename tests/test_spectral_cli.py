@@ -73,6 +73,9 @@ def test_cli(tiny_workdir, tmp_path):
       assert im.format == "PNG"
       im.verify()
   assert "ViT grid 16x16" in proc.stdout
+  focus = curves["parcel queries x8 (B=24)"]["focus"]
+  assert 1 / 256 < focus["peak"] <= 1 and 1 <= focus["sources"] <= 256 and 1 <= focus["distinct"] <= 8
+  assert "query focus: peak weight" in proc.stdout
 
 
 def test_rejects_a_budget_outside_the_method(tiny_run):
