@@ -73,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.connector.mlp_dim = 256             # paper: 4304; one MLP on the query tokens
   c.model.connector.bank_size = 0             # 0: what the budget space needs (parcel 192, mqt 256)
   c.model.connector.query_init_std = 0.02
+  c.model.connector.query_prior = "none"      # parcel/mqt: none | local (home cell + locality term per query)
+  c.model.connector.query_prior_sigma = 1.0   # local: initial width of the locality term, patches
   c.model.connector.budgets = ()              # () = the method's whole space; a subset trains a specialist
   c.model.connector.query_bucket = 64         # query slots per compiled bucket (fewer programs vs padding)
 

@@ -72,9 +72,10 @@ def test_m3_rejects_indivisible_grid():
     C.avg_pool(features(), 3)
 
 
-@pytest.mark.parametrize("key_mode", ["content+pos", "pos_only"])
-def test_mqt_nested_prefix(key_mode):
-  mqt, _ = make("mqt", key_mode=key_mode)
+@pytest.mark.parametrize("key_mode,prior", [("content+pos", "none"), ("pos_only", "none"),
+                                            ("content+pos", "local")])
+def test_mqt_nested_prefix(key_mode, prior):
+  mqt, _ = make("mqt", key_mode=key_mode, query_prior=prior)
   x = features()
   big, big_mask = run(mqt, x, B.Bucket(0, 128), jnp.full((2,), 100))
   for k in (2, 16, 64, 100):
@@ -88,7 +89,8 @@ def test_mqt_nested_prefix(key_mode):
 @pytest.mark.parametrize("method,options", [
     ("parcel", {}), ("parcel", {"conditioning": "none"}), ("parcel", {"conditioning": "dual_cross"}),
     ("parcel", {"routing": "fixed4x4"}), ("parcel", {"key_pos": "learned", "anchor_pos": "none"}),
-    ("mqt", {}), ("mqt", {"extra_self_attn": True})])
+    ("parcel", {"query_prior": "local"}), ("mqt", {}), ("mqt", {"extra_self_attn": True}),
+    ("mqt", {"query_prior": "local"})])
 def test_bucketed_equals_compact(method, options):
   conn, cfg = make(method, **options)
   spec = spec_for(method, cfg.routing)
@@ -242,6 +244,8 @@ def _resampler(bank, blocks):
 @pytest.mark.parametrize("method,options,paths", [
     ("parcel", {}, _resampler(192, ("condition", "cross"))),
     ("parcel", {"routing": "fixed4x4"}, _resampler(240, ("condition", "cross"))),
+    ("parcel", {"query_prior": "local"},
+     {**_resampler(192, ("condition", "cross")), "resampler/log_prior_sigma": [4]}),
     ("mqt", {}, _resampler(256, ("cross",))),
     ("mqt", {"extra_self_attn": True}, _resampler(256, ("condition", "cross"))),
     ("m3", {"extra_self_attn": True}, {f"self_attn/{k}": v for k, v in _BLOCK.items()}),
@@ -260,3 +264,65 @@ def test_bank_sizes_follow_the_budget_space():
   assert C.Parcel.bank_size(C.method_config("parcel", grid_size=16, bank_size=100)) == 100
   assert B.budget_space("parcel", 16, bank_size=100) == tuple(range(16, 165, 2))  # 64 anchors + 100
   assert B.budget_space("mqt", 16, bank_size=100) == tuple(range(2, 101, 2))
+
+
+# ------------------------------------------------------------- query_prior='local'
+
+@pytest.mark.parametrize("grid", [8, 16, 32])
+def test_query_homes_cover_the_page_coarse_to_fine(grid):
+  from parcel_jax.models.connectors.blocks import query_homes
+  homes = query_homes(grid * grid, grid)
+  assert sorted(homes.tolist()) == list(range(grid * grid))
+  side = grid
+  while side > 1:   # each prefix of (grid/side)^2 homes: one per side x side block
+    n = (grid // side) ** 2
+    rows, cols = np.divmod(homes[:n], grid)
+    assert len(set(zip((rows // side).tolist(), (cols // side).tolist()))) == n
+    side //= 2
+  k = int(np.random.default_rng().integers(1, grid * grid))
+  np.testing.assert_array_equal(query_homes(grid * grid + k, grid)[-k:], homes[:k])   # wraps
+
+
+@pytest.mark.parametrize("method", ["parcel", "mqt"])
+def test_local_prior_starts_each_query_at_its_home(method):
+  from parcel_jax.models.connectors.blocks import query_homes
+  sigma = float(np.random.default_rng().uniform(0.3, 0.6))
+  conn, cfg = make(method, query_prior="local", query_prior_sigma=sigma)
+  plain, _ = make(method)
+  spec = spec_for(method)
+  bucket = spec.bucket(spec.budgets[-1])
+  x = features()
+  budgets = jnp.full((2,), spec.budgets[-1])
+  homes = query_homes(bucket.query_slots, GRID)
+  weights = np.asarray(conn.query_attention(x, bucket, budgets) if method == "parcel"
+                       else conn.resampler.cross_attention_weights(
+                           einops.rearrange(x, "b h w d -> b (h w) d"), bucket.query_slots, budgets))
+  at_home = (weights.argmax(-1) == homes[None]).mean()
+  assert at_home > 0.95, at_home
+  assert weights.max(-1).mean() > 0.3        # a fetch, not a blur
+  plain_weights = np.asarray(plain.query_attention(x, bucket, budgets) if method == "parcel"
+                             else plain.resampler.cross_attention_weights(
+                                 einops.rearrange(x, "b h w d -> b (h w) d"), bucket.query_slots, budgets))
+  assert (plain_weights.argmax(-1) == homes[None]).mean() < 0.1
+  np.testing.assert_allclose(np.exp(np.asarray(conn.resampler.log_prior_sigma[...])), sigma, rtol=1e-6)
+
+
+def test_local_prior_width_is_learned():
+  conn, _ = make("parcel", query_prior="local")
+  graphdef, params = nnx.split(conn)
+  x = features()
+
+  def loss(p):
+    out, _ = nnx.merge(graphdef, p)(x, B.Bucket(8, 64), jnp.full((2,), 120))
+    return jnp.sum(jnp.sin(out))
+
+  grads = jax.grad(loss)(params)
+  assert np.all(np.abs(np.asarray(grads["resampler"]["log_prior_sigma"][...])) > 0)
+
+
+def test_query_prior_errors_name_the_field():
+  with pytest.raises(ValueError, match="model.connector.query_prior"):
+    C.ConnectorConfig(method="parcel", width=WIDTH, grid_size=GRID, num_heads=4, query_prior="gaussian")
+  with pytest.raises(ValueError, match=r"model.connector.query_prior_sigma=0.0 must be > 0"):
+    C.ConnectorConfig(method="mqt", width=WIDTH, grid_size=GRID, num_heads=4, query_prior="local",
+                      query_prior_sigma=0.0)

@@ -313,3 +313,42 @@ def test_sweep_local_resumes_and_stops_on_failure(tmp_path):
       "--config.seed=2", "--config.seed=3"]
   log.unlink()
   assert sweep(*args).returncode == 0 and not log.exists()  # everything done: nothing runs
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs this process may use")
+def test_sweep_parallel_pins_each_run_to_its_own_cpu(tmp_path):
+  stub = write_exe(tmp_path / "fake_train.py", """
+      import json, os, sys, time
+      args = dict(a.split("=", 1) for a in sys.argv[3:])
+      if args["--config.seed"] == "3":
+        sys.exit(5)
+      time.sleep(0.5)  # long enough that two runs overlap
+      print("training", args["--config.seed"])
+      with open(os.path.join(args["--workdir"], "eval.json"), "w") as f:
+        json.dump({"cpus": sorted(os.sched_getaffinity(0)), "xla": os.environ["XLA_FLAGS"],
+                   "t": [time.time() - 0.5, time.time()]}, f)
+  """)
+  root = tmp_path / "sw"
+  for seed in range(5):
+    (root / f"seed={seed}").mkdir(parents=True)
+  python = f"{shlex.quote(sys.executable)} {shlex.quote(str(stub))}"
+  r = sweep("--python", python, f"--workdir_root={root}", "--grid", "seed=0,1,2", "--parallel=2",
+            env={"XLA_FLAGS": "--xla_dump_to=/nowhere"})
+  assert r.returncode == 0, r.stderr
+  done = [json.loads((root / f"seed={s}" / "eval.json").read_text()) for s in range(3)]
+  assert all(len(d["cpus"]) == 1 for d in done)
+  assert done[0]["cpus"] != done[1]["cpus"]  # the first two start together on different CPUs
+  assert done[0]["t"][0] < done[1]["t"][1] and done[1]["t"][0] < done[0]["t"][1]  # they overlap
+  for d in done:
+    assert d["xla"].startswith("--xla_dump_to=/nowhere ") and "intra_op_parallelism_threads=1" in d["xla"]
+  assert (root / "seed=2.log").read_text().strip() == "training 2"
+
+  # seed 3 fails: the run going beside it finishes, nothing new starts, its status comes back
+  r = sweep("--python", python, f"--workdir_root={root}", "--grid", "seed=0,1,2,3,4,5",
+            "--parallel=2")
+  assert r.returncode == 5, r.stderr
+  assert "run seed=3 exited with status 5" in r.stderr
+  assert (root / "seed=4" / "eval.json").exists() and not (root / "seed=5.log").exists()
+  assert sweep("--python", python, f"--workdir_root={root}", "--grid", "seed=0",
+               "--parallel=2", "--launcher=slurm").returncode == 2

@@ -90,13 +90,18 @@ def rope(x: Array, positions: Array, base: float = 10_000.0) -> Array:
   return out.astype(x.dtype)
 
 
-def _grouped_probs(q: Array, k: Array, mask: Array | None, softcap: float | None) -> Array:
-  """Softmax attention (b, kv_heads, group, q_len, kv_len) float32; masked entries are 0."""
+def _grouped_probs(q: Array, k: Array, mask: Array | None, softcap: float | None,
+                   bias: Array | None = None) -> Array:
+  """Softmax attention (b, kv_heads, group, q_len, kv_len) float32; masked entries are 0.
+  ``bias``: float logits added after the soft cap, broadcastable to (b, heads, q_len, kv_len)."""
   b, tq, h, d = q.shape
   kh = k.shape[2]
   q = q.reshape(b, tq, kh, h // kh, d)
   logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
   logits = soft_cap(logits, softcap)
+  if bias is not None:
+    bias = jnp.broadcast_to(bias.astype(jnp.float32), (b, h, tq, k.shape[1]))
+    logits = logits + bias.reshape(b, kh, h // kh, tq, k.shape[1])
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, tq, k.shape[1]))[:, None, None]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -106,27 +111,30 @@ def _grouped_probs(q: Array, k: Array, mask: Array | None, softcap: float | None
   return probs
 
 
-def attention_probs(q: Array, k: Array, mask: Array | None, *, softcap: float | None = None) -> Array:
+def attention_probs(q: Array, k: Array, mask: Array | None, *, softcap: float | None = None,
+                    bias: Array | None = None) -> Array:
   """The attention weights of ``dot_product_attention`` (same arguments): (batch, heads, q_len,
   kv_len) float32, rows summing to 1 over allowed keys, 0 elsewhere (all 0 if none allowed)."""
-  p = _grouped_probs(q, k, mask, softcap)
+  p = _grouped_probs(q, k, mask, softcap, bias)
   return p.reshape(p.shape[0], -1, *p.shape[3:])
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
-                          softcap: float | None = None) -> Array:
+                          softcap: float | None = None, bias: Array | None = None) -> Array:
   """Masked multi-head attention with grouped K/V heads.
 
   Args:
     q: (batch, q_len, heads, head_dim), already scaled.
     k, v: (batch, kv_len, kv_heads, head_dim); ``heads % kv_heads == 0``.
     mask: bool, broadcastable to (batch, q_len, kv_len); True = may attend.
+    bias: optional float logits added before the softmax, broadcastable to
+      (batch, heads, q_len, kv_len).
   Returns:
     (batch, q_len, heads, head_dim). A query row with no allowed key returns
     zeros (not NaN), so fully masked slots stay finite and carry no gradient.
   """
   b, tq, h, d = q.shape
-  probs = _grouped_probs(q, k, mask, softcap)
+  probs = _grouped_probs(q, k, mask, softcap, bias)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
   return out.reshape(b, tq, h, d)
 

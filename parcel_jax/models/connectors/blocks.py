@@ -10,6 +10,15 @@ Choices the paper leaves open (config fields, defaults in brackets):
   output_norm  LayerNorm on emitted query tokens so they share the scale of the
                (post-norm) ViT features the anchors pool [True].
   query_init_std  normal init of the query bank [0.02].
+  query_prior  where a query looks first ['none' | 'local']. 'local' gives query i a home cell
+               on the feature grid (coarse to fine, so every prefix of the bank covers the
+               page evenly: 4 queries one per quadrant, 64 one per 2x2 block at grid 16), adds
+               the home's position code to the query and a Gaussian locality term
+               -d^2 / (2 sigma_h^2) to its cross-attention logits (d in patches, one learned
+               sigma per head, init ``query_prior_sigma``). Why: from a random init the bank
+               attends diffusely or collapses onto a few places and never fetches single
+               patches; a home makes each query start as a fetch of its own patch.
+  query_prior_sigma  initial width of the locality term in patches [1.0].
   bank_size    0 = exactly what the budget space needs (PARCEL 192 / MQT 256 at grid 16).
 """
 
@@ -18,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from parcel_jax.models import layers
@@ -30,6 +41,7 @@ Array = jax.Array
 
 KEY_POS = ("sincos2d", "learned", "none")
 KEY_MODES = ("content+pos", "pos_only")
+QUERY_PRIORS = ("none", "local")
 CONDITIONINGS = ("self_attn", "none", "dual_cross")   # how the queries see a context (PARCEL's anchors)
 
 
@@ -68,10 +80,15 @@ class ResamplerConfig(AttentionConfig):
   key_pos: str = "sincos2d"
   output_norm: bool = True
   query_init_std: float = 0.02
+  query_prior: str = "none"
+  query_prior_sigma: float = 1.0
 
   def __post_init__(self):
     base.check_choice("key_pos", self.key_pos, KEY_POS)
     base.check_choice("key_mode", self.key_mode, KEY_MODES)
+    base.check_choice("query_prior", self.query_prior, QUERY_PRIORS)
+    if not self.query_prior_sigma > 0:
+      raise ValueError(f"model.connector.query_prior_sigma={self.query_prior_sigma} must be > 0 (patches)")
     super().__post_init__()
     if self.key_mode == "pos_only" and self.key_pos == "none":
       raise ValueError("model.connector.key_mode='pos_only' needs a key_pos other than 'none'")
@@ -90,9 +107,11 @@ class Block(nnx.Module):
                                  use_bias=True, dtype=cfg.dtype, **kw)
 
   def __call__(self, x: Array, context: Array | None, mask: Array, *,
-               key_pos: Array | None = None, pos_only: bool = False) -> Array:
+               key_pos: Array | None = None, pos_only: bool = False,
+               bias: Array | None = None) -> Array:
     """x (b, t, d); context (b, s, d) or None for self-attention; mask (b, t, s);
-    key_pos (s, d) added to the normalised keys (or used alone when ``pos_only``)."""
+    key_pos (s, d) added to the normalised keys (or used alone when ``pos_only``);
+    bias: logits added before the softmax, broadcastable to (b, heads, t, s)."""
     q_in = self.norm_q(x)
     kv_in = q_in if context is None else self.norm_kv(context)
     keys = kv_in
@@ -102,16 +121,18 @@ class Block(nnx.Module):
     q = self.attn.project_q(q_in)
     k, v = self.attn.project_kv(keys, values_from=kv_in)
     if _RECORD.get():  # the weights of this pass (XLA computes the softmax once for both uses)
-      self.sow(nnx.Intermediate, "attention", layers.attention_probs(q, k, mask, softcap=self.attn.softcap))
-    out = layers.dot_product_attention(q, k, v, mask, softcap=self.attn.softcap)
+      self.sow(nnx.Intermediate, "attention",
+               layers.attention_probs(q, k, mask, softcap=self.attn.softcap, bias=bias))
+    out = layers.dot_product_attention(q, k, v, mask, softcap=self.attn.softcap, bias=bias)
     return x + self.attn.project_out(out)
 
   def attention_weights(self, x: Array, context: Array, mask: Array, *,
-                        key_pos: Array | None = None, pos_only: bool = False) -> Array:
+                        key_pos: Array | None = None, pos_only: bool = False,
+                        bias: Array | None = None) -> Array:
     """Post-softmax attention of ``__call__`` (same arguments, with a context), read from
     that forward pass: (b, heads, t, s); rows of fully masked queries are zero."""
     _, captured = capture_attention(Block.__call__, self, x, context, mask, key_pos=key_pos,
-                                    pos_only=pos_only)
+                                    pos_only=pos_only, bias=bias)
     return captured["attention"][0]
 
 
@@ -137,6 +158,9 @@ class QueryResampler(nnx.Module):
     learned = layers.param_init(nnx.initializers.normal(cfg.width ** -0.5), ("tokens", "embed"))
     self.key_pos = (nnx.Param(learned(rngs.params(), (cfg.grid_size ** 2, cfg.width), cfg.param_dtype))
                     if cfg.key_pos == "learned" else None)
+    sigma = layers.param_init(nnx.initializers.constant(math.log(cfg.query_prior_sigma)), ("heads",))
+    self.log_prior_sigma = (nnx.Param(sigma(rngs.params(), (cfg.num_heads,), jnp.float32))
+                            if cfg.query_prior == "local" else None)
 
   def _feature_pos(self) -> Array | None:
     if self.cfg.key_pos == "sincos2d":
@@ -155,7 +179,7 @@ class QueryResampler(nnx.Module):
     x, valid = self._conditioned_queries(features, num_slots, num_active, context)
     key_mask = valid[:, :, None] & jnp.ones((1, 1, features.shape[1]), bool)
     x = self.cross(x, features, key_mask, key_pos=self._feature_pos(),
-                   pos_only=self.cfg.key_mode == "pos_only")
+                   pos_only=self.cfg.key_mode == "pos_only", bias=self._locality_bias(num_slots))
     x = x + self.mlp(self.mlp_norm(x))
     if self.out_norm is not None:
       x = self.out_norm(x)
@@ -172,6 +196,18 @@ class QueryResampler(nnx.Module):
                                     context)
     return captured["cross"]["attention"][0].mean(axis=1)
 
+  def _locality_bias(self, num_slots: int) -> Array | None:
+    """query_prior='local': -d^2 / (2 sigma_h^2) between each slot's home cell and every
+    feature cell, (1, heads, num_slots, g*g) float32; None otherwise."""
+    if self.log_prior_sigma is None:
+      return None
+    grid = self.cfg.grid_size
+    cells = jnp.stack(jnp.divmod(jnp.arange(grid * grid), grid), axis=-1).astype(jnp.float32)
+    homes = cells[query_homes(num_slots, grid)]                                # (q, 2)
+    dist2 = jnp.sum((homes[:, None, :] - cells[None, :, :]) ** 2, axis=-1)    # (q, g*g)
+    inv_var = jnp.exp(-2.0 * self.log_prior_sigma[...])                       # (heads,)
+    return (-0.5 * inv_var[:, None, None] * dist2[None])[None]
+
   def _conditioned_queries(self, features, num_slots, num_active, context):
     """The first ``num_slots`` bank queries after conditioning on ``context``:
     (b, num_slots, d) and their validity (b, num_slots)."""
@@ -180,7 +216,10 @@ class QueryResampler(nnx.Module):
       raise ValueError(f"{num_slots} query slots exceed the query bank ({self.bank.shape[0]}); "
                        "raise model.connector.bank_size")
     valid = jnp.arange(num_slots)[None, :] < num_active[:, None]             # (b, q)
-    x = jnp.broadcast_to(self.bank[:num_slots].astype(features.dtype), (b, num_slots, features.shape[-1]))
+    bank = self.bank[:num_slots]
+    if self.log_prior_sigma is not None:  # each query knows its home cell
+      bank = bank + layers.sincos_2d(self.cfg.grid_size, self.cfg.width)[query_homes(num_slots, self.cfg.grid_size)]
+    x = jnp.broadcast_to(bank.astype(features.dtype), (b, num_slots, features.shape[-1]))
     if self.conditioning == "self_attn":
       c = 0 if context is None else context.shape[1]
       seq = x if context is None else jnp.concatenate([context, x], axis=1)
@@ -191,3 +230,21 @@ class QueryResampler(nnx.Module):
       mask = valid[:, :, None] & jnp.ones((1, 1, context.shape[1]), bool)
       x = self.condition(x, context, mask)
     return x, valid
+
+
+def query_homes(num_slots: int, grid: int):
+  """Raster indices (num_slots,) of the home cells of the first ``num_slots`` queries
+  (query_prior='local'): the grid's cells ordered coarse to fine by the bit-reversed
+  Morton code of (row, column), so each prefix of 4**k cells is one per block of side
+  grid / 2**k (for a power-of-two grid). A bank larger than the grid wraps around."""
+  bits = max(1, (grid - 1).bit_length())
+
+  def key(cell: int) -> int:
+    row, col = divmod(cell, grid)
+    morton = 0
+    for bit in range(bits):
+      morton |= ((col >> bit) & 1) << (2 * bit) | ((row >> bit) & 1) << (2 * bit + 1)
+    return int(format(morton, f"0{2 * bits}b")[::-1], 2)
+
+  order = sorted(range(grid * grid), key=key)
+  return np.asarray([order[i % len(order)] for i in range(num_slots)], np.int32)
