@@ -25,7 +25,10 @@ stage-2 runs find the shared stage 1 of their seed (the paper's two-stage recipe
 
 Launchers: ``local`` runs the commands one after another and skips runs whose workdir
 already holds ``eval.json`` (rerunning an interrupted sweep resumes it; train itself
-resumes a half-finished run from its checkpoint); ``slurm`` submits one
+resumes a half-finished run from its checkpoint); with ``--parallel=N`` it keeps N runs
+going, each pinned to its own CPU with one XLA thread (on a small CPU machine N one-core
+runs finish sooner than N runs one after another on all cores: small models scale
+poorly across threads) and logging to WORKDIR_ROOT/<name>.log; ``slurm`` submits one
 ``launch/slurm.sbatch`` job per run (same skip, for a workdir visible from here);
 ``tpu_pod`` runs ``launch/tpu_pod.sh`` per run, one after another (no skip: the workdir
 is usually on GCS; train resumes or re-evaluates). ``--dry-run`` prints one shell command
@@ -294,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="extra arguments for tpu_pod.sh (e.g. '--tpu=pod --zone=z') or sbatch")
   p.add_argument("--python", default="python",
                  help="interpreter command for local runs (and PYTHON for slurm)")
+  p.add_argument("--parallel", type=int, default=1, metavar="N",
+                 help="local launcher: N runs at a time, each pinned to one CPU with one XLA "
+                      "thread, output in WORKDIR_ROOT/<name>.log (default 1: one after another, "
+                      "output to the terminal)")
   p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                  help="print the commands, one per line, instead of running them")
   return p
@@ -357,6 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
+  if args.parallel > 1:
+    if args.launcher != "local":
+      print("sweep.py: error: --parallel needs --launcher=local", file=sys.stderr)
+      return 2
+    return run_parallel(todo, args.parallel, args.workdir_root)
   print(f"# {len(todo)} of {len(runs)} runs to launch ({args.launcher})", file=sys.stderr)
   for i, (name, cmd) in enumerate(todo, 1):
     print(f"# [{i}/{len(todo)}] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
@@ -371,6 +383,61 @@ def main(argv: Sequence[str] | None = None) -> int:
       return rc
   return 0
 
+
+ONE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def run_parallel(todo: list[tuple[str, list[str]]], parallel: int, workdir_root: str) -> int:
+  """Runs ``todo`` with at most ``parallel`` at once, each on its own CPU. After a failure
+  no new run starts; the ones going finish (their checkpoints stay whole), then the first
+  failure's status is returned."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if parallel > len(cpus):
+    print(f"sweep.py: error: --parallel={parallel} exceeds the {len(cpus)} CPUs this process "
+          "may use", file=sys.stderr)
+    return 2
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD_XLA}".strip()}
+  os.makedirs(workdir_root, exist_ok=True)
+  free = cpus[:parallel]
+  going: dict[subprocess.Popen, tuple[str, int, object]] = {}
+  queue = list(todo)
+  failure = 0
+  print(f"# {len(todo)} runs to launch, {parallel} at a time (local)", file=sys.stderr)
+  while queue or going:
+    while queue and free and not failure:
+      name, cmd = queue.pop(0)
+      cpu = free.pop(0)
+      log_path = os.path.join(workdir_root, f"{name}.log")
+      log = open(log_path, "w")  # noqa: SIM115 -- closed when the run ends
+      print(f"# start {name} on CPU {cpu} (log {log_path}): {shlex.join(cmd)}",
+            file=sys.stderr, flush=True)
+      try:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=lambda c=cpu: os.sched_setaffinity(0, {c}))
+      except (FileNotFoundError, subprocess.SubprocessError) as e:
+        log.close()
+        print(f"sweep.py: error: cannot run {cmd[0]!r}: {e}", file=sys.stderr)
+        failure, queue = failure or 2, []
+        free.append(cpu)
+        continue
+      going[proc] = (name, cpu, log)
+    if not going:
+      break
+    pid, status = os.wait()
+    proc = next(p for p in going if p.pid == pid)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    name, cpu, log = going.pop(proc)
+    log.close()
+    free.append(cpu)
+    if proc.returncode:
+      print(f"sweep.py: run {name} exited with status {proc.returncode} (log "
+            f"{os.path.join(workdir_root, name + '.log')}); no new runs start (rerun the same "
+            "command to resume)", file=sys.stderr, flush=True)
+      failure = failure or proc.returncode
+      queue = []
+    else:
+      print(f"# done {name}", file=sys.stderr, flush=True)
+  return failure
 
 if __name__ == "__main__":
   sys.exit(main())
