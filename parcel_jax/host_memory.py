@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import glob
 import importlib.util
 import sys
+from collections.abc import Sequence
 
 import jax
 from absl import logging
@@ -68,15 +70,27 @@ def arenas(libc: ctypes.CDLL) -> int:
   return text.count("<heap nr=")
 
 
+# Device files an accelerator runtime opens: TPU v2-v4 chips, TPU v5e and later (VFIO),
+# NVIDIA and AMD GPUs. A plugin installed on a host without any of them falls back to the CPU.
+ACCELERATOR_DEVICE_PATTERNS = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def accelerator_devices(patterns: Sequence[str] = ACCELERATOR_DEVICE_PATTERNS) -> list[str]:
+  """The accelerator device files present on this host."""
+  return sorted(path for pattern in patterns for path in glob.glob(pattern))
+
+
 def cpu_only() -> bool:
   """Whether JAX will run on the CPU backend, decided without starting a backend: the
-  ``jax_platforms`` setting if given, else whether an accelerator plugin is installed."""
+  ``jax_platforms`` setting if given; else no accelerator plugin installed, or one installed
+  (``libtpu`` for compile-only TPU checks, say) on a host with no accelerator device file."""
   platforms = jax.config.jax_platforms
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  if importlib.metadata.entry_points(group="jax_plugins"):
-    return False
-  return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
+  plugin = (bool(importlib.metadata.entry_points(group="jax_plugins"))
+            or importlib.util.find_spec("jax_plugins") is not None
+            or importlib.util.find_spec("libtpu") is not None)
+  return not plugin or not accelerator_devices(ACCELERATOR_DEVICE_PATTERNS)
 
 
 def configure(mode: str = "system") -> bool:
@@ -104,4 +118,6 @@ def configure(mode: str = "system") -> bool:
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20)))
   if not ok:
     logging.warning("host_malloc=%s: mallopt refused a setting; malloc may be partly tuned", mode)
+  else:
+    logging.info("host_malloc=%s: one malloc arena, large blocks from the heap, no trimming", mode)
   return ok
