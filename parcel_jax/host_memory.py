@@ -22,11 +22,10 @@ would only serialise the input pipeline's threads, so ``auto`` leaves those alon
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 import glob
+import importlib.metadata
 import importlib.util
 import sys
-from collections.abc import Sequence
 
 import jax
 from absl import logging
@@ -75,9 +74,17 @@ def arenas(libc: ctypes.CDLL) -> int:
 ACCELERATOR_DEVICE_PATTERNS = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
 
 
-def accelerator_devices(patterns: Sequence[str] = ACCELERATOR_DEVICE_PATTERNS) -> list[str]:
-  """The accelerator device files present on this host."""
-  return sorted(path for pattern in patterns for path in glob.glob(pattern))
+def accelerator_devices() -> list[str]:
+  """The accelerator device files present on this host (``ACCELERATOR_DEVICE_PATTERNS``)."""
+  return sorted(path for pattern in ACCELERATOR_DEVICE_PATTERNS for path in glob.glob(pattern))
+
+
+def accelerator_plugin_installed() -> bool:
+  """Whether a JAX accelerator plugin (an entry point, a ``jax_plugins`` package, ``libtpu``)
+  is installed, found without importing it."""
+  return (bool(importlib.metadata.entry_points(group="jax_plugins"))
+          or importlib.util.find_spec("jax_plugins") is not None
+          or importlib.util.find_spec("libtpu") is not None)
 
 
 def cpu_only() -> bool:
@@ -87,10 +94,7 @@ def cpu_only() -> bool:
   platforms = jax.config.jax_platforms
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  plugin = (bool(importlib.metadata.entry_points(group="jax_plugins"))
-            or importlib.util.find_spec("jax_plugins") is not None
-            or importlib.util.find_spec("libtpu") is not None)
-  return not plugin or not accelerator_devices(ACCELERATOR_DEVICE_PATTERNS)
+  return not accelerator_plugin_installed() or not accelerator_devices()
 
 
 def configure(mode: str = "system") -> bool:

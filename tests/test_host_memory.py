@@ -91,16 +91,16 @@ def test_auto_follows_the_platform():
 
 def test_an_accelerator_plugin_without_its_device_is_cpu_only(monkeypatch, tmp_path):
   # libtpu (installed for compile-only TPU checks) on a CPU host: JAX falls back to the CPU.
-  monkeypatch.setattr(host_memory.importlib.util, "find_spec",
-                      lambda name: object() if name == "libtpu" else None)
+  monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: True)
+  monkeypatch.setattr(host_memory, "ACCELERATOR_DEVICE_PATTERNS", (str(tmp_path / "accel[0-9]*"),))
   with _platforms(""):
-    monkeypatch.setattr(host_memory, "ACCELERATOR_DEVICE_PATTERNS", (str(tmp_path / "accel[0-9]*"),))
-    assert host_memory.accelerator_devices(host_memory.ACCELERATOR_DEVICE_PATTERNS) == []
+    assert host_memory.accelerator_devices() == []
     assert host_memory.cpu_only()
     (tmp_path / "accel0").touch()
-    assert host_memory.accelerator_devices(host_memory.ACCELERATOR_DEVICE_PATTERNS) == [
-        str(tmp_path / "accel0")]
+    assert host_memory.accelerator_devices() == [str(tmp_path / "accel0")]
     assert not host_memory.cpu_only()
+    monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: False)
+    assert host_memory.cpu_only()   # a device file but no plugin: JAX can only use the CPU
 
 
 def test_bad_mode_names_the_field_and_late_calls_change_nothing():
