@@ -154,8 +154,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
-  c.train.num_steps = 5800          # the CPU task's length: README command 1 in ~13 min on a 2-core
-                                    # CPU (759 s, pip included)
+  c.train.num_steps = 5800          # the CPU task's length: README command 1 in 759-1917 s on
+                                    # 2-core CPUs, pip included (the host decides)
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
