@@ -38,6 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.frame_posemb = "none"   # frames (data.max_frames > 1): none (PaliGemma) | sincos: a fixed
                                   # code of each frame's rank on its visual tokens (models/vlm.py)
 
+  c.model.visual_positions = "packed"  # decoder positions: packed (text right after the budget's
+                                       # tokens, PaliGemma) | reserved (text at the largest budget
+                                       # whatever the budget) | spatial (each token at the grid
+                                       # cell it stands for; models/vlm.py)
+
   c.model.vision = ml_collections.ConfigDict()      # SigLIP-style ViT (models/vit.py)
   c.model.vision.variant = "tiny"  # size preset (models/vit.py PRESETS: tiny | so400m_14): fills the
                                    # six size fields below that are 0; a non-zero one overrides it;
@@ -75,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.connector.query_init_std = 0.02
   c.model.connector.query_prior = "none"      # parcel/mqt: none | local (home cell + locality term per query)
   c.model.connector.query_prior_sigma = 1.0   # local: initial width of the locality term, patches
+  c.model.connector.fetch_init = False        # parcel/mqt: queries start as copies of what they attend to
   c.model.connector.budgets = ()              # () = the method's whole space; a subset trains a specialist
   c.model.connector.query_bucket = 64         # query slots per compiled bucket (fewer programs vs padding)
 

@@ -74,7 +74,7 @@ def abstract_train_state(state: dict) -> dict:
 # Fields that change neither the parameters nor the function a model computes.
 LAYOUT_ONLY_FIELDS = ("remat", "variant", "dtype")
 # Model fields a checkpoint's config may predate, with the value that means "absent".
-ABSENT_MEANS = {"frame_posemb": "none"}
+ABSENT_MEANS = {"frame_posemb": "none", "visual_positions": "packed"}
 
 
 def model_field_diffs(saved: dict, current: dict, path: str = "model",

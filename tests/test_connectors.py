@@ -326,3 +326,59 @@ def test_query_prior_errors_name_the_field():
   with pytest.raises(ValueError, match=r"model.connector.query_prior_sigma=0.0 must be > 0"):
     C.ConnectorConfig(method="mqt", width=WIDTH, grid_size=GRID, num_heads=4, query_prior="local",
                       query_prior_sigma=0.0)
+
+
+# ------------------------------------------------------------- fetch_init
+
+def _layer_norm(x):
+  x = np.asarray(x, np.float64)
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("parcel", {}), ("parcel", {"conditioning": "none"}), ("parcel", {"conditioning": "dual_cross"}),
+    ("mqt", {})])
+def test_fetch_init_starts_each_query_as_a_copy_of_its_home_patch(method, kw):
+  """With a sharp locality prior, a fetch-initialised query's first token is
+  LN(bank + home position code + LN(feature at home)); without fetch_init it is not."""
+  from parcel_jax.models import layers
+  from parcel_jax.models.connectors.blocks import query_homes
+  conn, _ = make(method, query_prior="local", query_prior_sigma=0.05, fetch_init=True, **kw)
+  plain, _ = make(method, query_prior="local", query_prior_sigma=0.05, **kw)
+  spec = spec_for(method)
+  budget = int(np.random.default_rng().choice([b for b in spec.budgets if spec.bucket(b).query_slots]))
+  bucket = spec.bucket(budget)
+  x = features()
+  budgets = jnp.full((2,), budget)
+  n_q = budget - bucket.num_anchors
+  homes = query_homes(bucket.query_slots, GRID)
+  flat = einops.rearrange(np.asarray(x), "b h w d -> b (h w) d")
+  residual = (np.asarray(conn.resampler.bank[...])[:bucket.query_slots]
+              + np.asarray(layers.sincos_2d(GRID, WIDTH))[homes])
+  expected = _layer_norm(residual[None] + _layer_norm(flat)[:, homes])[:, :n_q]
+  for module, close in ((conn, True), (plain, False)):
+    tokens, mask = run(module, x, bucket, budgets)
+    got = np.asarray(tokens)[:, bucket.num_anchors:bucket.num_anchors + n_q]
+    assert np.asarray(mask)[:, bucket.num_anchors:].sum() == 2 * n_q
+    if close:
+      np.testing.assert_allclose(got, expected, atol=2e-4)
+    else:
+      assert np.abs(got - expected).max() > 0.5
+
+
+def test_fetch_init_keeps_every_parameter_trainable():
+  """Zero-initialised output maps still get gradient, so the query path can leave the copy."""
+  conn, _ = make("parcel", query_prior="local", fetch_init=True)
+  graphdef, params = nnx.split(conn)
+  x = features()
+
+  def loss(p):
+    out, _ = nnx.merge(graphdef, p)(x, B.Bucket(8, 64), jnp.full((2,), 120))
+    return jnp.sum(jnp.sin(3.0 * out))
+
+  grads = jax.grad(loss)(params)["resampler"]
+  for path in (("mlp", "wo"), ("condition", "attn", "o_kernel"), ("cross", "attn", "v_kernel")):
+    g = grads
+    for key in path:
+      g = g[key]
+    assert np.abs(np.asarray(g[...])).max() > 0, path

@@ -239,6 +239,9 @@ def test_refuses_what_hf_cannot_express(tmp_path):
   g1_cfg, _ = config_lib.validate_config(g1)
   assert [p.split("=")[0] for p in hf.unrepresentable(g1_cfg)] == [
       "frame_posemb", "vision.attn_window", "decoder.attn_softcap"]
+  g1.model.visual_positions = "spatial"
+  g1_cfg, _ = config_lib.validate_config(g1)
+  assert [p.split("=")[0] for p in hf.unrepresentable(g1_cfg)][:2] == ["frame_posemb", "visual_positions"]
   with pytest.raises(ValueError, match="image_token_index=-1 must be >= 0"):
     hf.hf_config(_cfg(_config()), image_token_index=-1)
 

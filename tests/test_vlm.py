@@ -16,14 +16,14 @@ from tests.util import assert_rel_close
 GRID = 16
 
 
-def tiny_model_config(method, frame_posemb="none", **connector_kw):
+def tiny_model_config(method, frame_posemb="none", visual_positions="packed", **connector_kw):
   vision = vit.ViTConfig(image_size=32, patch_size=2, width=32, depth=1, mlp_dim=64, num_heads=2)
   connector = connectors.ConnectorConfig(method=method, width=32, grid_size=GRID, num_heads=2,
                                          mlp_dim=64, **connector_kw)
   decoder = gemma.DecoderConfig(vocab_size=50, width=32, depth=2, mlp_dim=64, num_heads=2,
                                 num_kv_heads=1, head_dim=16, post_norms=True, attn_softcap=50.0,
                                 final_softcap=30.0, sliding_window=40, local_global=True)
-  return vlm.ModelConfig(vision, connector, decoder, frame_posemb)
+  return vlm.ModelConfig(vision, connector, decoder, frame_posemb, visual_positions)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
@@ -40,10 +40,12 @@ def random_inputs(rng, batch=2, length=9):
   return images, text, text_mask
 
 
-@pytest.mark.parametrize("method", ["parcel", "m3", "mqt", "none"])
-def test_bucketed_forward_equals_compact(method):
+@pytest.mark.parametrize("method,positions", [
+    ("parcel", "packed"), ("m3", "packed"), ("mqt", "packed"), ("none", "packed"),
+    ("parcel", "reserved"), ("mqt", "reserved")])
+def test_bucketed_forward_equals_compact(method, positions):
   rng = np.random.default_rng()
-  cfg = tiny_model_config(method)
+  cfg = tiny_model_config(method, visual_positions=positions)
   model = vlm.VLM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   graphdef, params = nnx.split(model)
   spec = B.BudgetSpec.from_config(ml_collections.ConfigDict(dict(
@@ -210,12 +212,129 @@ def test_frame_codes_name_each_real_frame_by_its_rank():
 
 
 def test_a_saved_config_without_frame_posemb_is_the_same_model():
-  """A checkpoint written before model.frame_posemb existed resumes as frame_posemb='none'."""
+  """A checkpoint written before model.frame_posemb / visual_positions existed resumes as
+  frame_posemb='none', visual_positions='packed'."""
   from configs import base
   from parcel_jax import state
   current = base.get_config().model.to_dict()
-  saved = {k: v for k, v in current.items() if k != "frame_posemb"}
+  saved = {k: v for k, v in current.items() if k not in ("frame_posemb", "visual_positions")}
   assert state.model_field_diffs(saved, current) == []
   current["frame_posemb"] = "sincos"
   assert state.model_field_diffs(saved, current) == [
       "model.frame_posemb: checkpoint 'none', config 'sincos'"]
+
+
+# ------------------------------------------------------------- visual_positions='reserved'
+
+def test_reserved_positions_put_each_slot_and_the_text_where_the_budget_does_not_move_them():
+  rng = np.random.default_rng()
+  frames, slots, reserved = int(rng.integers(1, 4)), int(rng.integers(1, 20)), 20
+  length = int(rng.integers(3, 9))
+  mask = jnp.asarray(rng.random((3, frames * slots + length)) < 0.7)
+  pos = np.asarray(vlm.reserved_positions(mask, frames * slots, frames, reserved))
+  for f in range(frames):
+    np.testing.assert_array_equal(pos[:, f * slots:(f + 1) * slots],
+                                  np.broadcast_to(f * reserved + np.arange(slots), (3, slots)))
+  text_mask = np.asarray(mask)[:, frames * slots:]
+  np.testing.assert_array_equal(pos[:, frames * slots:],
+                                frames * reserved + np.cumsum(text_mask, axis=1) - 1)
+  with pytest.raises(ValueError, match="21 visual slots per frame exceed the 20 positions"):
+    vlm.reserved_positions(jnp.ones((1, 25), bool), 21, 1, 20)
+
+
+def test_reserved_positions_equal_packed_at_the_largest_budget_only():
+  """At the full budget every slot is valid, so both numberings agree; below it the text of
+  'packed' moves with the budget and that of 'reserved' does not."""
+  rng = np.random.default_rng()
+  seed = int(rng.integers(1 << 30))
+  spec = B.BudgetSpec.from_config(ml_collections.ConfigDict(dict(
+      method="parcel", routing="piecewise", bank_size=0, budgets=(), query_bucket=64)), GRID)
+  images, text, text_mask = random_inputs(rng)
+  outs = {}
+  for positions in ("packed", "reserved"):
+    model = vlm.VLM(tiny_model_config("parcel", visual_positions=positions), rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    features = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))(params, images)
+    for budget in (spec.budgets[-1], int(rng.choice(spec.budgets[:-1]))):
+      vec = jnp.full((2,), budget, jnp.int32)
+      outs[positions, budget == spec.budgets[-1]] = np.asarray(
+          _logits(graphdef, params, features, text, text_mask, vec, spec.bucket(budget)))
+  valid = np.asarray(text_mask)
+  assert_rel_close(outs["packed", True][valid], outs["reserved", True][valid], 1e-5)
+  assert np.abs(outs["packed", False][valid] - outs["reserved", False][valid]).max() > 1e-3
+  with pytest.raises(ValueError, match="model.visual_positions='fixed' is unknown"):
+    tiny_model_config("parcel", visual_positions="fixed")
+
+
+def test_reserved_positions_prefill_and_decode_match_the_teacher_forced_pass():
+  from parcel_jax import generation
+  rng = np.random.default_rng()
+  model = vlm.VLM(tiny_model_config("parcel", visual_positions="reserved"),
+                  rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  spec = B.BudgetSpec.from_config(ml_collections.ConfigDict(dict(
+      method="parcel", routing="piecewise", bank_size=0, budgets=(), query_bucket=64)), GRID)
+  budget = int(rng.choice(spec.budgets[:-1]))
+  bucket, vec = spec.bucket(budget), jnp.full((2,), budget, jnp.int32)
+  images, text, _ = random_inputs(rng, length=7)
+  features = model.encode_images(images)
+  prefix, nxt = text[:, :6], text[:, 6:]
+  first, cache = generation.prefill(model, features, prefix, jnp.ones(prefix.shape, bool), vec,
+                                    bucket=bucket, cache_size=bucket.num_slots + 8)
+  hidden, _ = model.decoder.decode_step(model.decoder.embed(nxt), cache)
+  ar = jnp.broadcast_to(jnp.arange(7)[None] >= 6, text.shape)
+  forced = model.text_logits(features, text, jnp.ones(text.shape, bool), ar, bucket=bucket, budgets=vec)
+  assert_rel_close(np.asarray(first), np.asarray(forced[:, 5]), 1e-5)
+  assert_rel_close(np.asarray(model.decoder.logits(hidden[:, 0])), np.asarray(forced[:, 6]), 1e-5)
+
+
+# ------------------------------------------------------------- visual_positions='spatial'
+
+def test_spatial_positions_make_a_permuted_full_grid_the_uncompressed_model():
+  """random_subset at the full budget holds every patch in a shuffled order; placed at their
+  cells, the decoder sees what `none` (packed, raster order) sees: the same logits."""
+  rng = np.random.default_rng()
+  seed = int(rng.integers(1 << 30))
+  images, text, text_mask = random_inputs(rng)
+  outs = {}
+  for method, positions in (("none", "packed"), ("random_subset", "spatial"), ("random_subset", "packed")):
+    model = vlm.VLM(tiny_model_config(method, visual_positions=positions,
+                                      **({"subset_seed": seed} if method == "random_subset" else {})),
+                    rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    features = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))(params, images)
+    bucket = B.Bucket(GRID, 0) if method == "none" else B.Bucket(0, GRID * GRID)
+    outs[method, positions] = np.asarray(_logits(graphdef, params, features, text, text_mask,
+                                                 jnp.full((2,), GRID * GRID, jnp.int32), bucket))
+  valid = np.asarray(text_mask)
+  assert_rel_close(outs["random_subset", "spatial"][valid], outs["none", "packed"][valid], 1e-4)
+  assert np.abs(outs["random_subset", "packed"][valid] - outs["none", "packed"][valid]).max() > 1e-3
+
+
+@pytest.mark.parametrize("method,kw", [("parcel", {"query_prior": "local"}), ("m3", {}), ("none", {}),
+                                       ("downsample", {}), ("random_subset", {}),
+                                       ("mqt", {"query_prior": "local"})])
+def test_slot_cells_lie_on_the_grid_and_pooled_tokens_sit_inside_their_block(method, kw):
+  spec = B.BudgetSpec.from_config(ml_collections.ConfigDict(dict(
+      method=method, routing="piecewise", bank_size=0, budgets=(), query_bucket=64)), GRID)
+  conn = connectors.make_connector(connectors.ConnectorConfig(
+      method=method, width=32, grid_size=GRID, num_heads=2, mlp_dim=64, **kw), rngs=nnx.Rngs(0))
+  for budget in spec.budgets[::max(1, len(spec.budgets) // 6)] + (spec.budgets[-1],):
+    bucket = spec.bucket(budget)
+    cells = conn.slot_cells(bucket)
+    assert cells.shape == (bucket.num_slots,) and cells.min() >= 0 and cells.max() < GRID * GRID
+    if method in ("parcel", "m3", "downsample", "none") and bucket.num_anchors:
+      side = bucket.anchor_grid if method != "downsample" else conn.vision_grid(conn.cfg, bucket)
+      k = GRID // side
+      rows, cols = np.divmod(cells[:side * side], GRID)
+      np.testing.assert_array_equal(rows // k * side + cols // k, np.arange(side * side))
+  full = conn.slot_cells(spec.bucket(spec.budgets[-1]))
+  assert sorted(full.tolist()) == list(range(GRID * GRID))   # the full budget covers the page once
+
+
+def test_spatial_positions_refuse_queries_without_a_home():
+  rng = np.random.default_rng()
+  model = vlm.VLM(tiny_model_config("parcel", visual_positions="spatial"), rngs=nnx.Rngs(0))
+  images, text, text_mask = random_inputs(rng)
+  with pytest.raises(ValueError, match="visual_positions='spatial' needs slots with a place.*query_prior='local'"):
+    model(images, text, text_mask, jnp.zeros_like(text_mask), bucket=B.Bucket(8, 64),
+          budgets=jnp.array([100, 100]))

@@ -14,6 +14,19 @@ example's budget (folded into the batch, (b*T, ...)), and the frames' tokens are
 in frame order, ``[frame 0 (slots); ...; frame T-1 (slots); text]``. A missing frame's slots
 are masked, so a padded example equals the same example with only its real frames.
 
+Decoder positions (``visual_positions``): ``'packed'`` (default) numbers the valid tokens
+in order, so the text starts right after the example's budget. ``'reserved'`` gives every
+frame R positions, R = the largest budget of the method's space, puts slot i of frame f at
+f R + i whatever the budget, and starts the text at T R: the distance from a text token to a
+given slot (an anchor, a query, a patch) is then the same at every budget, as it is for a
+fixed-length image prefix. With 'packed' a stochastic budget moves the text by the budget, so
+the decoder's relative (RoPE) positions to every visual token change from step to step.
+``'spatial'`` reserves grid*grid positions per frame and puts each slot at the raster cell
+it stands for (``Connector.slot_cells``: a pooled token at its block, a query at its home
+cell, a kept patch at itself): at every budget a token sits where the uncompressed model
+(stage 1) had the patches it summarises, so a decoder that reads the grid by position keeps
+reading it. Methods whose slots have no cell (learned queries without a home) refuse it.
+
 ``frame_posemb='sincos'`` (default 'none', as PaliGemma) adds a fixed code of each frame's
 rank among the example's real frames to its visual tokens, zero for the first: a single
 image is frame 0 unchanged. Without it the decoder can tell frames apart only by their
@@ -28,6 +41,7 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from parcel_jax import sharding
@@ -38,6 +52,7 @@ Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FRAME_POSEMBS = ("none", "sincos")
+VISUAL_POSITIONS = ("packed", "reserved", "spatial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +61,15 @@ class ModelConfig:
   connector: connectors.ConnectorConfig
   decoder: gemma.DecoderConfig
   frame_posemb: str = "none"  # none | sincos: a code of each frame's rank on its visual tokens
+  visual_positions: str = "packed"  # packed | reserved | spatial: decoder positions (module docstring)
 
   def __post_init__(self):
     if self.frame_posemb not in FRAME_POSEMBS:
       raise ValueError(f"model.frame_posemb={self.frame_posemb!r} is unknown; allowed: "
                        f"{', '.join(FRAME_POSEMBS)}")
+    if self.visual_positions not in VISUAL_POSITIONS:
+      raise ValueError(f"model.visual_positions={self.visual_positions!r} is unknown; allowed: "
+                       f"{', '.join(VISUAL_POSITIONS)}")
 
 
 # Config keys of model sections that are read elsewhere, not by the module dataclasses:
@@ -116,7 +135,7 @@ def model_config(model_cfg) -> ModelConfig:
   """ModelConfig from ``config.model`` (a ConfigDict); ``dtype`` there is the compute dtype."""
   dtype = model_cfg.get("dtype", "float32")
   common = dict(dtype=None if dtype == "float32" else DTYPES[dtype])
-  allowed = ("dtype", "vision", "connector", "decoder", "frame_posemb")
+  allowed = ("dtype", "vision", "connector", "decoder", "frame_posemb", "visual_positions")
   unknown = sorted(set(model_cfg.keys()) - set(allowed))
   if unknown:
     raise ValueError(f"model.{unknown[0]} is unknown; allowed: {', '.join(allowed)}")
@@ -125,7 +144,8 @@ def model_config(model_cfg) -> ModelConfig:
   connector = _dataclass_from(connectors.ConnectorConfig, model_cfg.connector, "connector",
                               width=vision.width, grid_size=grid, **common)
   decoder = _dataclass_from(gemma.DecoderConfig, model_cfg.decoder, "decoder", **common)
-  return ModelConfig(vision, connector, decoder, model_cfg.get("frame_posemb", "none"))
+  return ModelConfig(vision, connector, decoder, model_cfg.get("frame_posemb", "none"),
+                     model_cfg.get("visual_positions", "packed"))
 
 
 class VLM(nnx.Module):
@@ -217,6 +237,24 @@ class VLM(nnx.Module):
     x = sharding.constrain(jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1), layers.BTD)
     return x, jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
 
+  def decoder_positions(self, input_mask: Array, num_visual: int, num_frames: int,
+                        bucket: Bucket) -> Array | None:
+    """Positions (b, S) of ``[visual (num_visual = num_frames * bucket.num_slots); text]`` for
+    ``input_mask`` (b, S); None = the decoder's default (``'packed'``: valid tokens in order)."""
+    mode, connector = self.cfg.visual_positions, self.connector
+    if mode == "packed":
+      return None
+    if mode == "reserved":
+      return reserved_positions(input_mask, num_visual, num_frames,
+                                max(type(connector).budget_space(connector.cfg)))
+    cells = connector.slot_cells(bucket)
+    if cells is None:
+      raise ValueError(f"model.visual_positions='spatial' needs slots with a place on the grid; "
+                       f"method {connector.name!r} has none here (a query has a home cell only "
+                       "with model.connector.query_prior='local')")
+    return reserved_positions(input_mask, num_visual, num_frames, connector.cfg.grid_size ** 2,
+                              slot_positions=cells)
+
   def text_hidden(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
                   bucket: Bucket, budgets: Array, has_image: Array | None = None,
                   frame_mask: Array | None = None) -> Array:
@@ -227,7 +265,9 @@ class VLM(nnx.Module):
                                         ar_mask=ar_mask, has_image=has_image, frame_mask=frame_mask)
     num_visual = x.shape[1] - length   # slots, or T*slots for frames
     ar = jnp.concatenate([jnp.zeros((b, num_visual), bool), ar_mask.astype(bool)], axis=1)
-    hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar)
+    positions = self.decoder_positions(input_mask, num_visual, features.shape[1] if features.ndim == 5 else 1,
+                                       bucket)
+    hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar, positions=positions)
     return hidden[:, num_visual:]
 
   def text_logits(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
@@ -260,6 +300,28 @@ class VLM(nnx.Module):
     return self.text_logits(self.encode_images(images, bucket), text, text_mask, ar_mask,
                             bucket=bucket, budgets=budgets, has_image=has_image,
                             frame_mask=frame_mask)
+
+
+def reserved_positions(input_mask: Array, num_visual: int, num_frames: int, reserved: int,
+                       slot_positions=None) -> Array:
+  """``visual_positions='reserved'`` / ``'spatial'``: slot i of frame f at f * reserved + p_i
+  (p_i = i, or ``slot_positions[i]`` in [0, reserved)), the text (the tokens after
+  ``num_visual``) at num_frames * reserved on, its valid tokens in order.
+  input_mask (b, S) -> (b, S) int32."""
+  slots = num_visual // num_frames
+  if slot_positions is None:
+    if slots > reserved:
+      raise ValueError(f"{slots} visual slots per frame exceed the {reserved} positions reserved "
+                       "for a frame (the largest budget of the method's space)")
+    slot_positions = np.arange(slots)
+  slot_positions = np.asarray(slot_positions, np.int32)
+  if slot_positions.shape != (slots,):
+    raise ValueError(f"{slot_positions.shape[0]} slot positions for {slots} visual slots per frame")
+  b = input_mask.shape[0]
+  frame, slot = np.divmod(np.arange(num_visual), slots)
+  visual = jnp.broadcast_to(frame * reserved + slot_positions[slot], (b, num_visual))
+  text = num_frames * reserved + gemma.default_positions(input_mask[:, num_visual:])
+  return jnp.concatenate([visual, text], axis=1).astype(jnp.int32)
 
 
 def parameter_counts(model: VLM) -> dict[str, int]:

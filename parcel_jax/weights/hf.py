@@ -351,7 +351,8 @@ def load_hf_checkpoint(path: str, params, model_cfg, *, shardings=None, donate: 
 # ----------------------------------------------------------------------------- export
 
 # What our model can hold that HF PaliGemma cannot (each check names the config field):
-#   refused   vision.center_input, vision.attn_window (windowed ViT attention),
+#   refused   vision.center_input, vision.attn_window (windowed ViT attention), frame_posemb,
+#             visual_positions other than 'packed',
 #             decoder.prefix_token_shift > 0; with a Gemma-1 decoder (post_norms off) also
 #             decoder.attn_softcap, final_softcap, local_global and a query_scale other
 #             than head_dim ** -0.5; decoder.window_prefix='window' with local layers (HF
@@ -373,6 +374,9 @@ def unrepresentable(model_cfg, allow=()) -> list[str]:
   out = []
   if model_cfg.frame_posemb != "none":
     out.append(f"frame_posemb={model_cfg.frame_posemb!r}: HF PaliGemma adds no code to a frame's tokens")
+  if model_cfg.visual_positions != "packed":
+    out.append(f"visual_positions={model_cfg.visual_positions!r}: HF PaliGemma numbers the image "
+               "and text tokens in sequence order")
   if v.center_input:
     out.append("vision.center_input=True: HF SigLIP does not subtract each image's mean colour")
   if v.attn_window and v.global_blocks < v.depth:

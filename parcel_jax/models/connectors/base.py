@@ -32,6 +32,7 @@ import chex
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -72,6 +73,16 @@ def avg_pool(features: Array, out_grid: int) -> Array:
     raise ValueError(f"cannot average-pool a {g}x{g} feature grid to {out_grid}x{out_grid}")
   k = g // out_grid
   return einops.reduce(features, "b (h kh) (w kw) d -> b (h w) d", "mean", kh=k, kw=k)
+
+
+def pooled_cells(grid: int, side: int) -> np.ndarray:
+  """(side*side,) raster cells standing for the tokens of ``avg_pool(., side)``: the patch just
+  below and right of each block's centre (the block itself when side == grid). At side =
+  grid / 2 that is each 2x2 block's bottom-right patch, the one cell the first 3/4 of the
+  query homes (``blocks.query_homes``) leave out."""
+  k = grid // side
+  rows, cols = np.divmod(np.arange(side * side), side)
+  return ((rows * k + k // 2) * grid + cols * k + k // 2).astype(np.int32)
 
 
 def even_range(low: int, high: int) -> tuple[int, ...]:
@@ -131,6 +142,13 @@ class Connector(nnx.Module):
     """The images the ViT encodes for ``bucket``, (b, S, S, 3) -> (b, s, s, 3) with
     s = ``vision_grid`` x patch size; only asked when ``encodes_per_budget``."""
     raise NotImplementedError(f"method {self.name!r} encodes once for every budget")
+
+  def slot_cells(self, bucket) -> np.ndarray | None:
+    """(bucket.num_slots,) int: the raster cell of the feature grid each slot stands for,
+    read by ``model.visual_positions='spatial'``; None when the method's slots have no place
+    on the grid (learned queries without a home)."""
+    del bucket
+    return None
 
   def check_features(self, features: Array) -> None:
     chex.assert_rank(features, 4)

@@ -19,6 +19,13 @@ Choices the paper leaves open (config fields, defaults in brackets):
                attends diffusely or collapses onto a few places and never fetches single
                patches; a home makes each query start as a fetch of its own patch.
   query_prior_sigma  initial width of the locality term in patches [1.0].
+  fetch_init   start each query as a copy of what it attends to [False]: the cross-attention's
+               value and output maps begin as the identity, and the residual branches that would
+               add other content at step 0 (the conditioning block's output, the MLP's output)
+               begin at zero. Why: with random value / output maps a query's token starts as a
+               random linear image of the patches it reads; with the identity (and
+               ``query_prior='local'``) it starts as its home patch's layer-normed feature, in
+               the space the projection was trained on in stage 1.
   bank_size    0 = exactly what the budget space needs (PARCEL 192 / MQT 256 at grid 16).
 """
 
@@ -82,6 +89,7 @@ class ResamplerConfig(AttentionConfig):
   query_init_std: float = 0.02
   query_prior: str = "none"
   query_prior_sigma: float = 1.0
+  fetch_init: bool = False
 
   def __post_init__(self):
     base.check_choice("key_pos", self.key_pos, KEY_POS)
@@ -161,6 +169,20 @@ class QueryResampler(nnx.Module):
     sigma = layers.param_init(nnx.initializers.constant(math.log(cfg.query_prior_sigma)), ("heads",))
     self.log_prior_sigma = (nnx.Param(sigma(rngs.params(), (cfg.num_heads,), jnp.float32))
                             if cfg.query_prior == "local" else None)
+    if cfg.fetch_init:
+      self._start_as_fetch()
+
+  def _start_as_fetch(self):
+    """fetch_init: value and output maps of the cross-attention = identity (head h carries
+    channels [h*k, (h+1)*k)), conditioning and MLP outputs = 0, so at step 0 a query's token is
+    its residual plus the attention-weighted average of the layer-normed features it reads."""
+    attn, d = self.cross.attn, self.cfg.width
+    eye = jnp.eye(d, dtype=attn.v_kernel[...].dtype)
+    attn.v_kernel[...] = eye.reshape(attn.v_kernel[...].shape)
+    attn.o_kernel[...] = eye.reshape(attn.o_kernel[...].shape)
+    self.mlp.wo[...] = jnp.zeros_like(self.mlp.wo[...])
+    if self.condition is not None:
+      self.condition.attn.o_kernel[...] = jnp.zeros_like(self.condition.attn.o_kernel[...])
 
   def _feature_pos(self) -> Array | None:
     if self.cfg.key_pos == "sincos2d":

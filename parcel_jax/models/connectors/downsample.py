@@ -62,6 +62,10 @@ class Downsample(base.Connector):
                        f"{self.cfg.grid_size}x{self.cfg.grid_size} ViT grid")
     return block_mean(images, self.cfg.grid_size // grid)
 
+  def slot_cells(self, bucket):
+    """Each coarse patch at its block of the full grid (``base.pooled_cells``)."""
+    return base.pooled_cells(self.cfg.grid_size, self.vision_grid(self.cfg, bucket))
+
   def __call__(self, features, bucket, budgets):
     del budgets  # every budget of a bucket is its square grid
     g = self.vision_grid(self.cfg, bucket)

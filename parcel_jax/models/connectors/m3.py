@@ -43,6 +43,9 @@ class M3(base.Connector):
     self.cfg = cfg
     self.self_attn = blocks.Block(cfg, rngs=rngs) if cfg.extra_self_attn else None
 
+  def slot_cells(self, bucket):
+    return base.pooled_cells(self.cfg.grid_size, bucket.anchor_grid)
+
   def __call__(self, features, bucket, budgets):
     self.check_features(features)
     del budgets  # every budget of a bucket is the same square grid

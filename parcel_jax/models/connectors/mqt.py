@@ -59,6 +59,12 @@ class MQT(base.Connector):
     flat = einops.rearrange(features, "b h w d -> b (h w) d")
     return self.resampler(flat, bucket.query_slots, budgets)
 
+  def slot_cells(self, bucket):
+    """Queries at their home cells with ``query_prior='local'``, else None."""
+    if self.cfg.query_prior != "local":
+      return None
+    return blocks.query_homes(bucket.query_slots, self.cfg.grid_size)
+
   def query_attention(self, features: Array, bucket, budgets: Array) -> Array:
     """As ``Parcel.query_attention``: (b, g, g, d) -> (b, bucket.query_slots, g*g)."""
     self.check_features(features)

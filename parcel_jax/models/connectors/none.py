@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import einops
 import jax.numpy as jnp
+import numpy as np
 
 from parcel_jax.models.connectors import base
 
@@ -25,6 +26,10 @@ class Uncompressed(base.Connector):
   @classmethod
   def flops(cls, cfg: base.MethodConfig, n_p: int, n_q: int, n_v: int, d: int) -> int:
     return 0
+
+  def slot_cells(self, bucket):
+    del bucket
+    return np.arange(self.cfg.grid_size ** 2, dtype=np.int32)
 
   def __call__(self, features, bucket, budgets):
     self.check_features(features)

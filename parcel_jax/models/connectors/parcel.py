@@ -28,6 +28,7 @@ import dataclasses
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from parcel_jax import flop_terms
@@ -121,6 +122,15 @@ class Parcel(base.Connector):
         budgets - bucket.num_anchors, context=self._context(anchors, bucket))
     tokens = jnp.concatenate([anchors, queries], axis=1)
     return tokens, jnp.concatenate([jnp.ones((b, bucket.num_anchors), bool), valid], axis=1)
+
+  def slot_cells(self, bucket):
+    """Anchors at their blocks (``base.pooled_cells``), queries at their home cells; None
+    without ``query_prior='local'`` (a query then has no place)."""
+    if self.cfg.query_prior != "local":
+      return None
+    grid = self.cfg.grid_size
+    return np.concatenate([base.pooled_cells(grid, bucket.anchor_grid),
+                           blocks.query_homes(bucket.query_slots, grid)])
 
   def _context(self, anchors: Array, bucket) -> Array:
     """What the queries condition on: the anchors (b, a, d), plus their position code."""

@@ -46,6 +46,9 @@ class RandomSubset(base.Connector):
     """(grid*grid,) the token order, raster indices; a constant of the config, not a parameter."""
     return np.random.default_rng(self.cfg.subset_seed).permutation(self.cfg.grid_size ** 2)
 
+  def slot_cells(self, bucket):
+    return self.token_order()[:bucket.query_slots].astype(np.int32)
+
   def __call__(self, features, bucket, budgets):
     self.check_features(features)
     keep = self.token_order()[:bucket.query_slots]
