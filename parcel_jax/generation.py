@@ -72,11 +72,9 @@ def prefill(model, features, prefix, prefix_mask, budgets, *, bucket, cache_size
 
   The sequence is [visual (bucket.num_slots); prefix (L)], all prefix-LM (bidirectional)."""
   x, input_mask = model.decoder_inputs(features, prefix, prefix_mask, bucket=bucket, budgets=budgets)
-  num_visual = x.shape[1] - prefix.shape[1]
-  positions = model.decoder_positions(input_mask, num_visual, features.shape[1] if features.ndim == 5 else 1,
-                                      bucket)
   hidden, cache = model.decoder.prefill(x, input_mask=input_mask, ar_mask=jnp.zeros_like(input_mask),
-                                        cache_size=cache_size, positions=positions)
+                                        cache_size=cache_size,
+                                        positions=model.decoder_positions(features, input_mask, bucket))
   return model.decoder.logits(hidden[:, -1]), cache
 
 

@@ -237,13 +237,15 @@ class VLM(nnx.Module):
     x = sharding.constrain(jnp.concatenate([visual.astype(embedded.dtype), embedded], axis=1), layers.BTD)
     return x, jnp.concatenate([visual_mask, text_mask.astype(bool)], axis=1)
 
-  def decoder_positions(self, input_mask: Array, num_visual: int, num_frames: int,
-                        bucket: Bucket) -> Array | None:
-    """Positions (b, S) of ``[visual (num_visual = num_frames * bucket.num_slots); text]`` for
-    ``input_mask`` (b, S); None = the decoder's default (``'packed'``: valid tokens in order)."""
+  def decoder_positions(self, features: Array, input_mask: Array, bucket: Bucket) -> Array | None:
+    """Positions (b, S) of ``decoder_inputs``' sequence ``[visual (T * bucket.num_slots); text]``
+    for its ``input_mask`` (b, S), T = the frames of ``features`` (1 for (b, g, g, Dv)); None =
+    the decoder's default (``'packed'``: valid tokens in order)."""
     mode, connector = self.cfg.visual_positions, self.connector
     if mode == "packed":
       return None
+    num_frames = features.shape[1] if features.ndim == 5 else 1
+    num_visual = num_frames * bucket.num_slots
     if mode == "reserved":
       return reserved_positions(input_mask, num_visual, num_frames,
                                 max(type(connector).budget_space(connector.cfg)))
@@ -265,9 +267,8 @@ class VLM(nnx.Module):
                                         ar_mask=ar_mask, has_image=has_image, frame_mask=frame_mask)
     num_visual = x.shape[1] - length   # slots, or T*slots for frames
     ar = jnp.concatenate([jnp.zeros((b, num_visual), bool), ar_mask.astype(bool)], axis=1)
-    positions = self.decoder_positions(input_mask, num_visual, features.shape[1] if features.ndim == 5 else 1,
-                                       bucket)
-    hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar, positions=positions)
+    hidden = self.decoder(x, input_mask=input_mask, ar_mask=ar,
+                          positions=self.decoder_positions(features, input_mask, bucket))
     return hidden[:, num_visual:]
 
   def text_logits(self, features: Array, text: Array, text_mask: Array, ar_mask: Array, *,
