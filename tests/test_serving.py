@@ -207,7 +207,8 @@ def assert_same_answer(run, record: dict, request: serving.Request, max_new_toke
 
 def test_frames_request_equals_generate(frames_run, tmp_path):
   """A three-frame request ("images" in the file) answers what generation.generate answers on
-  the (T, S, S, 3) clip at its budget, token for token; the frames and their order matter."""
+  the (T, S, S, 3) clip at its budget, token for token; what the server holds for it is every
+  frame's features, in the request's order."""
   run = frames_run
   frames = write_clip(tmp_path, int(np.random.default_rng().integers(10**6)), 3)
   line = {"id": "clip", "images": [os.path.basename(p) for p in frames], "question": QUESTIONS[0], "budget": 40}
@@ -221,13 +222,21 @@ def test_frames_request_equals_generate(frames_run, tmp_path):
   clip = np.stack([generation.load_image(p, run.image_size) for p in frames])
   assert record["answer"] == generation.generate(run, clip, QUESTIONS[0], [40])[40]
   assert_same_answer(run, record, request, server.decode_len)
-  # Not the first frame alone, nor the frames reversed: the first answer token's logits differ
-  # by over 10x the 1e-5 to which equal requests agree (the random model's answers depend
-  # on the image only weakly, so the margin is a relative one).
-  first = alone(run, frames, QUESTIONS[0], 40, server.decode_len)["logits"][0, 0].astype(np.float64)
-  for other in (frames[0], frames[::-1]):
-    other_logits = alone(run, other, QUESTIONS[0], 40, server.decode_len)["logits"][0, 0]
-    assert np.linalg.norm(other_logits - first) > 1e-4 * np.linalg.norm(first)
+  # The order: a random decoder's RMS-normed, near-uniform attention barely tells a clip from
+  # its reverse, so the answer's logits cannot show it. The features the server decodes
+  # from can: an "auto" request hands them to the policy, (T, g, g, Dv) in the given order.
+  seen = []
+  policy = lambda request, features: seen.append(np.asarray(features)) or 40
+  auto = dataclasses.replace(request, budget=serving.AUTO)
+  auto_record = serving.Server(run, batch_size=4, keep_logits=True, policy=policy).answer(auto)
+  expected = np.asarray(evaluation.encode_images(run.graphdef, run.params, jnp.asarray(clip)[None]))[0]
+  (features,) = seen
+  assert features.shape == expected.shape and features.shape[0] == 3
+  assert_rel_close(features, expected, 1e-5)
+  reversed_gap = np.linalg.norm(features - features[::-1]) / np.linalg.norm(features)
+  assert reversed_gap > 1e-2, reversed_gap           # the frames differ: the order is visible
+  np.testing.assert_array_equal(auto_record["logits"].argmax(-1), record["logits"].argmax(-1))
+  assert_rel_close(auto_record["logits"], record["logits"], 1e-5)
 
 
 def test_frames_and_single_images_at_mixed_budgets(frames_run, tmp_path):
