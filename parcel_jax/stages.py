@@ -29,6 +29,7 @@ from parcel_jax import paths
 from parcel_jax import runs
 from parcel_jax import state as state_lib
 from parcel_jax import weights
+from parcel_jax.models import connectors
 
 CONNECTOR = "connector"  # the only top-level parameter subtree stage 2 does not take over
 STAGE1_SUBDIR = "stage1"
@@ -71,6 +72,9 @@ def stage1_config(config) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.connector.method = "none"
   c.model.connector.budgets = ()
+  for name, default in connectors.method_field_defaults("none").items():
+    if name in c.model.connector:  # stage 2's connector settings are not stage 1's
+      c.model.connector[name] = default
   c.train.num_steps = stage1_steps(config)
   c.train.stage1_steps = 0
   c.train.stop_at = 0  # train.stop_at applies to stage 2

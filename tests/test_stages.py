@@ -102,3 +102,20 @@ def test_one_command_runs_both_stages_and_a_restart_skips_stage1(tmp_path):
   mtime = os.path.getmtime(os.path.join(stage1_dir, "eval.json"))
   train.train_and_evaluate(tiny_config(**STAGE2, **{"train.stage1_steps": 2}), workdir)  # all done
   assert os.path.getmtime(os.path.join(stage1_dir, "eval.json")) == mtime
+
+
+def test_stage1_config_drops_stage2_connector_settings():
+  # Method-specific connector fields set for stage 2 are not stage 1's: stage 1 (method none)
+  # gets their defaults and validates; stage 2 keeps them.
+  overrides = {"model.connector.method": "parcel", "model.connector.query_prior": "local",
+               "model.connector.query_prior_sigma": 0.5, "model.connector.fetch_init": True,
+               "train.stage1_steps": 2}
+  config = tiny_config(**STAGE2, **overrides)
+  runs.config_lib.validate_config(config)  # as train does first: fills the preset sizes
+  first = stages.stage1_config(config)
+  runs.config_lib.validate_config(first)
+  defaults = tiny_config()
+  for name in ("query_prior", "query_prior_sigma", "fetch_init"):
+    assert first.model.connector[name] == defaults.model.connector[name]
+  assert first.model.connector.method == "none" and first.train.num_steps == 2
+  assert config.model.connector.query_prior == "local" and config.model.connector.fetch_init

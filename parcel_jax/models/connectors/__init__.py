@@ -72,6 +72,14 @@ def _owned_fields() -> dict[str, tuple[dataclasses.Field, tuple[str, ...]]]:
 _FIELDS = _owned_fields()
 
 
+def method_field_defaults(method: str) -> dict[str, object]:
+  """The defaults of every ``model.connector`` field that ``method`` does not read (shared
+  sizes excepted): what a config switched to ``method`` must hold in those fields."""
+  own = {f.name for f in dataclasses.fields(method_class(method).Config)}
+  return {name: f.default for name, (f, _) in _FIELDS.items()
+          if name not in own and not f.metadata.get(base.SHARED)}
+
+
 class _Section:
   """Behaviour of ``ConnectorConfig`` (its fields are generated from the registered methods)."""
 
