@@ -51,9 +51,11 @@ def _slot(item: synthetic.Item) -> int:
 def _maps(graphdef, params, images, prefix, budgets, *, bucket):
   """(depth, b, heads, S) attention of the last prompt token over [visual; prompt]."""
   model = nnx.merge(graphdef, params)
-  x, input_mask = model.decoder_inputs(model.encode_images(images), prefix, jnp.ones(prefix.shape, bool),
+  features = model.encode_images(images)
+  x, input_mask = model.decoder_inputs(features, prefix, jnp.ones(prefix.shape, bool),
                                       bucket=bucket, budgets=budgets)
-  maps = model.decoder.attention_maps(x, input_mask=input_mask, ar_mask=jnp.zeros_like(input_mask))
+  maps = model.decoder.attention_maps(x, input_mask=input_mask, ar_mask=jnp.zeros_like(input_mask),
+                                      positions=model.decoder_positions(features, input_mask, bucket))
   return maps[:, :, :, -1, :]
 
 

@@ -41,6 +41,26 @@ def test_attention_maps_are_distributions_over_allowed_keys():
         x, input_mask=jnp.asarray(input_mask), ar_mask=jnp.asarray(ar_mask))
 
 
+def test_attention_maps_use_the_given_positions():
+  """RoPE attention depends on content and positions only, so moving tokens in the sequence
+  together with their positions permutes the maps; with the default positions it does not."""
+  cfg = dataclasses.replace(GEMMA2_TINY, sliding_window=4, depth=2)
+  model = gemma.Decoder(cfg, rngs=nnx.Rngs(0))
+  rng, seed = fresh_rng()
+  b, s = 2, 10
+  x = jnp.asarray(rng.normal(size=(b, s, cfg.width)), jnp.float32)
+  input_mask = jnp.ones((b, s), bool)
+  ar_mask = jnp.zeros((b, s), bool)                        # one bidirectional prefix
+  positions = jnp.asarray(np.stack([rng.permutation(s) for _ in range(b)]), jnp.int32)
+  perm = rng.permutation(s)
+  maps = np.asarray(model.attention_maps(x, input_mask=input_mask, ar_mask=ar_mask, positions=positions))
+  moved = np.asarray(model.attention_maps(x[:, perm], input_mask=input_mask, ar_mask=ar_mask,
+                                          positions=positions[:, perm]))
+  np.testing.assert_allclose(moved, maps[..., perm, :][..., perm], atol=1e-5, err_msg=f"seed {seed}")
+  packed = np.asarray(model.attention_maps(x[:, perm], input_mask=input_mask, ar_mask=ar_mask))
+  assert not np.allclose(packed, maps[..., perm, :][..., perm], atol=1e-3), seed
+
+
 def test_asked_items_are_what_the_answer_is_about():
   seen = set()
   for index in range(300):

@@ -385,12 +385,13 @@ class Decoder(nnx.Module):
     x, _ = self._layers(x.astype(self.dtype), positions, self._masks(input_mask, ar_mask, positions))
     return self.final_norm(x)
 
-  def attention_maps(self, x: Array, *, input_mask: Array, ar_mask: Array) -> Array:
-    """Every layer's attention weights for the inputs of ``__call__``: (depth, b, heads, S, S)
-    float32 (diagnostics, e.g. ``analysis.probe``). Needs ``scan=False``."""
+  def attention_maps(self, x: Array, *, input_mask: Array, ar_mask: Array,
+                     positions: Array | None = None) -> Array:
+    """Every layer's attention weights for the inputs of ``__call__`` (the same ``positions``):
+    (depth, b, heads, S, S) float32 (diagnostics, e.g. ``analysis.probe``). Needs ``scan=False``."""
     if self.cfg.scan:
       raise ValueError("Decoder.attention_maps needs per-layer modules (DecoderConfig.scan=False)")
-    positions = self._check(x, input_mask, ar_mask, None)
+    positions = self._check(x, input_mask, ar_mask, positions)
     full, local = self._masks(input_mask, ar_mask, positions)
     x = x.astype(self.dtype)
     maps = []
